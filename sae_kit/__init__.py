@@ -1,0 +1,16 @@
+"""sae-kit: reproduce sparse-dictionary interpretability papers on a real language model.
+
+Start with ``sae_kit.setup(seed=0)``; sizes come from ``SAE_KIT_SCALE`` (ci | lab | paper).
+"""
+
+from .activations import ActivationStore, StoreMismatchError, default_hook, get_store, harvest
+from .claims import Claims
+from .config import Scale, cache_dir, get_device, get_scale, setup
+from .corpus import load_texts, stdlib_docs, token_windows
+from .explorer import context_table, top_contexts
+from .metrics import evaluate, reconstruction_metrics, splice_metrics
+from .models import DEFAULT_MODEL, ModelNotInstalledError, load_model
+from .saes import SAE, SAEConfig, TopKSAE, load_sae, topk_sae
+from .train import History, train
+
+__version__ = "0.1.0"

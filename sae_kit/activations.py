@@ -1,0 +1,340 @@
+"""Harvest a model's activations at one hook into a disk store; read them back in batches.
+
+A store is a folder: ``meta.json`` (what it holds and where from), ``acts.npy`` [N, d_in],
+``tokens.npy`` [n_windows, ctx_len] (the windows the activations came from), and optionally
+``grads.npy`` [N, d_in] = ∂(summed next-token cross-entropy)/∂activation for g-SAE. The ``.npy``
+files are memory-mapped, so stores larger than RAM work. Harvesting writes into ``<name>.partial``
+and records its progress; an interrupted harvest resumes there, and only a finished store is
+renamed to its final name, so no reader ever sees a half-written store.
+
+Which positions are stored: position 0 of every window is left out (the first position of a
+Llama-family model is an attention sink whose residual norm is ~50x the others, and would dominate
+any reconstruction loss), and so is the last position (it has no next-token target, hence no
+gradient and no CE). A window of 64 tokens thus gives 62 stored tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .config import cache_dir, get_device
+from .corpus import fingerprint, load_texts, token_windows
+from .models import model_id
+
+SKIP_FIRST = 1  # leave out position 0 (attention sink)
+SKIP_LAST = 1  # leave out the last position (no next-token target)
+_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class StoreSpec:
+    """Everything that decides a store's content; two stores with equal specs hold equal data."""
+
+    model: str
+    hook: str
+    d_in: int
+    n_windows: int
+    ctx_len: int
+    corpus: str  # corpus fingerprint
+    seed: int
+    dtype: str  # "float16" | "float32"
+    with_grads: bool
+    skip_first: int = SKIP_FIRST
+    skip_last: int = SKIP_LAST
+    format: int = _FORMAT
+
+    @property
+    def per_window(self) -> int:
+        return self.ctx_len - self.skip_first - self.skip_last
+
+    @property
+    def n_tokens(self) -> int:
+        return self.n_windows * self.per_window
+
+    def key(self) -> str:
+        import hashlib
+
+        h = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+        slug = re.sub(r"[^A-Za-z0-9]+", "-", f"{self.model}-{self.hook}-{self.n_tokens}").strip("-")
+        return f"{slug}-{h}"
+
+
+class StoreMismatchError(ValueError):
+    """A store was opened for a model / hook / width it was not built for."""
+
+
+def validate_hook(model, hook: str) -> int:
+    """Check `hook` exists on `model`; return its layer index. Raise a helpful error otherwise."""
+    n = model.cfg.n_layers
+    if hook in model.hook_dict:
+        m = re.match(r"blocks\.(\d+)\.", hook)
+        return int(m.group(1)) if m else (n - 1 if hook.startswith("ln_final") else 0)
+    m = re.match(r"blocks\.(\d+)\.(.+)", hook)
+    if m and int(m.group(1)) >= n:
+        raise ValueError(f"unknown hook {hook!r}: this model has {n} layers (0-{n - 1})")
+    kinds = sorted({k.split(".", 2)[2] for k in model.hook_dict if k.startswith("blocks.0.")})
+    raise ValueError(f"unknown hook {hook!r}. Hooks look like 'blocks.{{L}}.<name>' with L in 0-{n - 1} "
+                     f"and <name> one of: {', '.join(kinds)}")
+
+
+def hook_width(model, hook: str) -> int:
+    """Width of the flattened activation at `hook` (e.g. d_model for resid, d_mlp for mlp.hook_post)."""
+    layer = validate_hook(model, hook)
+    out = {}
+    toks = torch.zeros(1, 2, dtype=torch.long, device=model.cfg.device)
+    with torch.no_grad():
+        model.run_with_hooks(toks, stop_at_layer=layer + 1,
+                             fwd_hooks=[(hook, lambda a, hook: out.setdefault("a", a))])
+    return int(np.prod(out["a"].shape[2:]))
+
+
+class ActivationStore:
+    """A finished store on disk. Open with `ActivationStore(path)` or get one from `harvest`."""
+
+    def __init__(self, path: str | Path, expect: dict | None = None):
+        self.path = Path(path)
+        meta_file = self.path / "meta.json"
+        if not meta_file.exists():
+            hint = " (an unfinished harvest: run harvest() again to resume it)" \
+                if self.path.with_name(self.path.name + ".partial").exists() else ""
+            raise FileNotFoundError(f"no activation store at {self.path}{hint}")
+        meta = json.loads(meta_file.read_text())
+        self.spec = StoreSpec(**meta["spec"])
+        self.eval_windows = int(meta.get("eval_windows", 0))
+        for field, want in (expect or {}).items():
+            have = getattr(self.spec, field)
+            if have != want:
+                raise StoreMismatchError(
+                    f"store {self.path.name} was built for {field}={have!r}, not {want!r}; harvest a "
+                    f"store for this {field} (sae_kit.harvest) or open the matching one")
+        self.acts = np.load(self.path / "acts.npy", mmap_mode="r")
+        self.tokens = torch.from_numpy(np.load(self.path / "tokens.npy"))
+        self.grads = np.load(self.path / "grads.npy", mmap_mode="r") if self.spec.with_grads else None
+
+    def __len__(self) -> int:
+        return self.spec.n_tokens
+
+    @property
+    def d_in(self) -> int:
+        return self.spec.d_in
+
+    def __repr__(self) -> str:
+        s = self.spec
+        return (f"ActivationStore({s.model} {s.hook}: {s.n_tokens:,} tokens x {s.d_in}, {s.dtype}, "
+                f"grads={s.with_grads}, eval windows={self.eval_windows}, at {self.path})")
+
+    # -- splits: the last `eval_windows` windows are held out (windows are shuffled at harvest) --
+    def window_range(self, split: str) -> range:
+        n_train = self.spec.n_windows - self.eval_windows
+        if split == "train":
+            return range(0, n_train)
+        if split == "eval":
+            return range(n_train, self.spec.n_windows)
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+
+    def token_range(self, split: str) -> range:
+        w, p = self.window_range(split), self.spec.per_window
+        return range(w.start * p, w.stop * p)
+
+    def get(self, split: str = "eval", n: int | None = None, device=None, grads: bool = False):
+        """The first `n` tokens of a split as fp32 tensors: x [n, d_in] (and g when `grads`)."""
+        r = self.token_range(split)
+        stop = r.stop if n is None else min(r.stop, r.start + n)
+        x = _to_tensor(self.acts[r.start:stop], device)
+        if not grads:
+            return x
+        return x, _to_tensor(self._need_grads()[r.start:stop], device)
+
+    def _need_grads(self):
+        if self.grads is None:
+            raise ValueError(f"store {self.path.name} has no gradients; harvest with with_grads=True")
+        return self.grads
+
+    def batches(self, batch_size: int, split: str = "train", epochs: int = 1, seed: int = 0,
+                device=None, grads: bool = False, chunk_tokens: int = 1 << 18) -> Iterator:
+        """Shuffled batches of x (or (x, g)), reading the memmap in chunks so RAM stays bounded.
+
+        Each epoch visits chunks in a random order and shuffles tokens inside each chunk; the
+        windows were already shuffled at harvest time, so this mixes well. Drops a final partial batch.
+        """
+        r = self.token_range(split)
+        if len(r) < batch_size:
+            raise ValueError(f"split {split!r} has {len(r)} tokens, fewer than one batch of {batch_size}")
+        rng = np.random.default_rng(seed)
+        starts = np.arange(r.start, r.stop, chunk_tokens)
+        for _ in range(epochs):
+            leftover_x = leftover_g = None
+            for s in rng.permutation(starts):
+                e = min(s + chunk_tokens, r.stop)
+                perm = rng.permutation(e - s)
+                x = _to_tensor(self.acts[s:e][perm], device)
+                g = _to_tensor(self._need_grads()[s:e][perm], device) if grads else None
+                if leftover_x is not None:
+                    x = torch.cat([leftover_x, x])
+                    g = torch.cat([leftover_g, g]) if grads else None
+                n_full = len(x) // batch_size * batch_size
+                for i in range(0, n_full, batch_size):
+                    yield (x[i:i + batch_size], g[i:i + batch_size]) if grads else x[i:i + batch_size]
+                leftover_x = x[n_full:]
+                leftover_g = g[n_full:] if grads else None
+
+    def n_batches(self, batch_size: int, split: str = "train", epochs: int = 1) -> int:
+        return len(self.token_range(split)) // batch_size * epochs
+
+
+def _to_tensor(a: np.ndarray, device) -> torch.Tensor:
+    t = torch.from_numpy(np.array(a, dtype=np.float32))  # a copy: memmaps are read-only
+    return t.to(device) if device is not None else t
+
+
+def _atomic_json(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def harvest(model, hook: str, n_tokens: int, ctx_len: int = 64, corpus=None, seed: int = 0,
+            eval_tokens: int = 0, dtype: str = "float16", with_grads: bool = False,
+            batch_windows: int = 32, path: str | Path | None = None, progress: bool = True,
+            _stop_after: int | None = None) -> ActivationStore:
+    """Run `model` over real text and store the activations at `hook` (reusing a finished store).
+
+    Args:
+        model: a HookedTransformer (e.g. from `load_model`).
+        hook: a TransformerLens hook name, e.g. ``"blocks.8.hook_resid_post"``.
+        n_tokens: stored tokens wanted, train and eval together (rounded up to whole windows).
+        ctx_len: tokens per window.
+        corpus: a `load_texts` source (None = the standard library's documentation).
+        seed: window shuffle seed.
+        eval_tokens: tokens held out as the eval split (whole windows at the end of the store).
+        dtype: ``"float16"`` (half the disk) or ``"float32"``.
+        with_grads: also store ∂(summed next-token CE)/∂activation (one backward pass per batch).
+        batch_windows: windows per model forward.
+        path: store folder; default under the kit's cache dir, named from the spec.
+        progress: show a tqdm bar with tokens/s.
+
+    Returns:
+        The finished `ActivationStore`.
+    """
+    if dtype not in ("float16", "float32"):
+        raise ValueError(f"dtype must be 'float16' or 'float32', got {dtype!r}")
+    if n_tokens <= 0:
+        raise ValueError(f"n_tokens must be positive, got {n_tokens}")
+    layer = validate_hook(model, hook)
+    per_window = ctx_len - SKIP_FIRST - SKIP_LAST
+    if per_window < 1:
+        raise ValueError(f"ctx_len must be at least {SKIP_FIRST + SKIP_LAST + 1}, got {ctx_len}")
+    n_windows = -(-n_tokens // per_window)
+    eval_windows = -(-eval_tokens // per_window) if eval_tokens else 0
+    if eval_windows >= n_windows:
+        raise ValueError(f"eval_tokens ({eval_tokens}) leaves no training tokens out of {n_tokens}")
+    docs = load_texts(corpus)
+    spec = StoreSpec(model=model_id(model), hook=hook, d_in=hook_width(model, hook), n_windows=n_windows,
+                     ctx_len=ctx_len, corpus=fingerprint(docs), seed=seed, dtype=dtype, with_grads=with_grads)
+    final = Path(path) if path else cache_dir() / "stores" / spec.key()
+    if (final / "meta.json").exists():
+        store = ActivationStore(final)
+        if store.spec != spec:
+            raise StoreMismatchError(f"{final} holds a different store ({store.spec}); pick another path")
+        return store
+    part = final.with_name(final.name + ".partial")
+    done = 0
+    if (part / "progress.json").exists():
+        prog = json.loads((part / "progress.json").read_text())
+        if prog["spec"] == asdict(spec):
+            done = int(prog["windows_done"])
+        else:
+            shutil.rmtree(part)
+    part.mkdir(parents=True, exist_ok=True)
+    windows = token_windows(model.tokenizer, docs, ctx_len, n_windows, seed=seed)
+    np.save(part / "tokens.npy", windows.numpy().astype(np.int32))
+    mode = "r+" if done else "w+"
+    shape = (spec.n_tokens, spec.d_in)
+    acts = np.lib.format.open_memmap(part / "acts.npy", mode=mode, dtype=dtype, shape=shape)
+    grads = np.lib.format.open_memmap(part / "grads.npy", mode=mode, dtype=dtype, shape=shape) \
+        if with_grads else None
+    if not done:
+        _atomic_json(part / "progress.json", {"spec": asdict(spec), "windows_done": 0})
+    sl = slice(SKIP_FIRST, ctx_len - SKIP_LAST)
+    bar = tqdm(total=spec.n_tokens, initial=done * per_window, unit="tok", disable=not progress,
+               desc=f"harvest {hook}" + (" +grads" if with_grads else ""))
+    t0 = time.time()
+    for w0 in range(done, n_windows, batch_windows):
+        toks = windows[w0:w0 + batch_windows].to(model.cfg.device)
+        a, g = _forward(model, toks, hook, layer, with_grads)
+        a = a[:, sl].reshape(-1, spec.d_in)
+        if not torch.isfinite(a).all():
+            raise FloatingPointError(f"NaN/Inf in activations at {hook} for windows {w0}-{w0 + len(toks) - 1}; "
+                                     f"the model's weights or dtype ({model.cfg.dtype}) are broken")
+        t_sl = slice(w0 * per_window, (w0 + len(toks)) * per_window)
+        acts[t_sl] = a.float().cpu().numpy().astype(dtype)
+        if with_grads:
+            grads[t_sl] = g[:, sl].reshape(-1, spec.d_in).float().cpu().numpy().astype(dtype)
+        acts.flush()
+        if with_grads:
+            grads.flush()
+        _atomic_json(part / "progress.json", {"spec": asdict(spec), "windows_done": w0 + len(toks)})
+        bar.update(len(toks) * per_window)
+        bar.set_postfix(tok_s=f"{(w0 + len(toks) - done) * ctx_len / (time.time() - t0):.0f}")
+        if _stop_after is not None and w0 + len(toks) >= _stop_after:  # tests: simulate an interrupt
+            bar.close()
+            raise KeyboardInterrupt("harvest stopped by _stop_after")
+    bar.close()
+    del acts, grads
+    _atomic_json(part / "meta.json", {"spec": asdict(spec), "eval_windows": eval_windows,
+                                      "seconds": round(time.time() - t0, 1)})
+    (part / "progress.json").unlink()
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(part, final)
+    return ActivationStore(final)
+
+
+def _forward(model, toks: torch.Tensor, hook: str, layer: int, with_grads: bool):
+    """Activations at `hook` [B, T, ...]; with grads also ∂(Σ next-token CE)/∂activation."""
+    saved = {}
+    if not with_grads:
+        with torch.no_grad():
+            model.run_with_hooks(toks, stop_at_layer=layer + 1,
+                                 fwd_hooks=[(hook, lambda a, hook: saved.setdefault("a", a))])
+        a = saved["a"]
+        return a.reshape(*a.shape[:2], -1), None
+
+    def grab(a, hook):
+        a = a.detach().requires_grad_(True)  # leaf: the rest of the model builds its graph from here
+        saved["a"] = a
+        return a
+
+    with torch.enable_grad():
+        logits = model.run_with_hooks(toks, fwd_hooks=[(hook, grab)])
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        ce = -logp.gather(-1, toks[:, 1:, None]).sum()  # summed, so gradients don't shrink with B·T
+        (grad,) = torch.autograd.grad(ce, saved["a"])
+    a = saved["a"].detach()
+    return a.reshape(*a.shape[:2], -1), grad.reshape(*grad.shape[:2], -1)
+
+
+def default_hook(model, depth: float = 0.3) -> str:
+    """The residual stream after the layer at `depth` of the model (0.3 of SmolLM2's 30 layers = 8)."""
+    layer = min(model.cfg.n_layers - 1, int(round(depth * model.cfg.n_layers)) - 1)
+    return f"blocks.{max(layer, 0)}.hook_resid_post"
+
+
+def get_store(model, scale, hook: str | None = None, with_grads: bool = False, seed: int = 0,
+              n_tokens: int | None = None, **kw) -> ActivationStore:
+    """The store a notebook uses at `scale` (harvested on first use, reused after)."""
+    hook = hook or default_hook(model)
+    n = n_tokens or (scale.grad_tokens if with_grads else scale.n_tokens)
+    return harvest(model, hook, n_tokens=n + scale.eval_tokens, ctx_len=scale.ctx_len, seed=seed,
+                   eval_tokens=scale.eval_tokens, with_grads=with_grads, **kw)

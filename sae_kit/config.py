@@ -1,0 +1,123 @@
+"""Scale profiles, device choice, cache directory and `setup(seed)`.
+
+One switch, the environment variable ``SAE_KIT_SCALE`` (``ci`` | ``lab`` | ``paper``), picks every
+size in the kit; notebooks run the same code at every scale.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SCALES = ("ci", "lab", "paper")
+
+
+@dataclass(frozen=True)
+class Scale:
+    """Sizes for one scale. Every notebook reads its sizes from here."""
+
+    name: str
+    n_tokens: int  # tokens harvested into the activation store
+    ctx_len: int  # tokens per window; Gao et al. use 64 for GPT-2
+    batch_size: int  # SAE training batch, in tokens
+    expansion: int  # d_sae = expansion * d_in
+    k: int  # default TopK sparsity
+    k_sweep: tuple[int, ...]  # k values for frontier plots
+    epochs: int  # passes over the store's training split
+    eval_tokens: int  # held-out tokens for FVU / L0 / density
+    ce_seqs: int  # sequences for spliced cross-entropy (ΔCE, KL)
+    seeds: tuple[int, ...]  # seeds for error bars where gaps are small
+    grad_tokens: int  # tokens with ∂CE/∂x harvested (g-SAE)
+    dead_tokens: int  # a latent is dead after this many training tokens without firing (AuxK)
+
+
+_PROFILES = {
+    "ci": Scale("ci", n_tokens=24_576, ctx_len=64, batch_size=512, expansion=4, k=16,
+                k_sweep=(8, 16, 32), epochs=1, eval_tokens=4_096, ce_seqs=16, seeds=(0,),
+                grad_tokens=8_192, dead_tokens=8_192),
+    # lab: small batches and two epochs give ~400 optimiser steps per SAE (~40 s on 2 cores)
+    "lab": Scale("lab", n_tokens=204_800, ctx_len=64, batch_size=1024, expansion=8, k=32,
+                 k_sweep=(8, 16, 32, 64), epochs=2, eval_tokens=20_480, ce_seqs=64, seeds=(0, 1),
+                 grad_tokens=65_536, dead_tokens=50_000),
+    # paper: a GPU; the offline corpus holds ~410k tokens, so paper scale goes wide and many
+    # epochs over all of it (give a larger corpus to harvest() for more tokens)
+    "paper": Scale("paper", n_tokens=360_000, ctx_len=64, batch_size=4096, expansion=16, k=32,
+                   k_sweep=(8, 16, 32, 64), epochs=8, eval_tokens=40_960, ce_seqs=256,
+                   seeds=(0, 1, 2), grad_tokens=360_000, dead_tokens=1_000_000),
+}
+
+
+def get_scale(name: str | None = None, **overrides) -> Scale:
+    """Return the scale profile named by `name`, else by ``SAE_KIT_SCALE`` (default ``lab``).
+
+    Args:
+        name: ``ci``, ``lab`` or ``paper``; None reads the environment variable.
+        **overrides: fields to change, e.g. ``get_scale("ci", k=8)``.
+    """
+    name = (name or os.environ.get("SAE_KIT_SCALE") or "lab").strip().lower()
+    if name not in _PROFILES:
+        raise ValueError(f"unknown scale {name!r}; SAE_KIT_SCALE must be one of {', '.join(SCALES)}")
+    return replace(_PROFILES[name], **overrides)
+
+
+def get_device(device: str | torch.device | None = None) -> torch.device:
+    """CUDA when present, else CPU. Apple MPS only when asked for by name.
+
+    Args:
+        device: an explicit choice (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``); None picks.
+    """
+    if device is None:
+        device = os.environ.get("SAE_KIT_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA GPU; use device='cpu'")
+    if device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise RuntimeError("device 'mps' was asked for but this torch build has no MPS; use device='cpu'")
+    return device
+
+
+def cache_dir() -> Path:
+    """Where converted models and activation stores live (``SAE_KIT_CACHE`` overrides)."""
+    root = os.environ.get("SAE_KIT_CACHE")
+    if root:
+        path = Path(root).expanduser()
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        path = Path(base) / "sae_kit"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def setup(seed: int = 0, device: str | None = None, quiet: bool = True) -> torch.device:
+    """Seed every generator, pick the device, enable fast-but-safe matmuls; first cell of a notebook.
+
+    Args:
+        seed: seed for python, numpy and torch.
+        device: forced device, else CUDA when present, else CPU.
+        quiet: hide the deprecation chatter of TransformerLens 3.x and friends.
+
+    Returns:
+        The chosen device.
+    """
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    dev = get_device(device)
+    if dev.type == "cuda":
+        # TF32 keeps 10 mantissa bits: plenty for SAE training, ~8x faster GEMMs on Ampere+.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if quiet:
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=".*TransformerBridge.*")
+    scale = get_scale()
+    print(f"sae_kit: scale={scale.name} device={dev} seed={seed} torch={torch.__version__} "
+          f"threads={torch.get_num_threads()}")
+    return dev

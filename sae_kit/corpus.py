@@ -1,0 +1,125 @@
+"""Real text with zero download, cut into fixed-length token windows.
+
+The default corpus is the Python standard library's own documentation: every topic of
+``pydoc_data.topics`` (the text behind ``help()``) plus the module, class and function docstrings
+of the standard library's source files, read with ``ast`` (nothing is imported or executed).
+That is several hundred thousand tokens of English prose and code on any Python install. A text
+file, a folder of ``.txt``/``.md`` files, or (online) a Hugging Face ``datasets`` name also work.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import torch
+
+_SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "__pycache__", "turtledemo", "ensurepip"}
+
+
+def stdlib_docs(min_chars: int = 200) -> list[str]:
+    """The standard library's documentation text, one document per help topic or module."""
+    from pydoc_data.topics import topics
+
+    docs = [topics[k] for k in sorted(topics)]
+    root = Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(root.rglob("*.py")):
+        if _SKIP_DIRS & set(path.relative_to(root).parts[:-1]):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        parts = []
+        for node in [tree, *ast.walk(tree)]:
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) >= min_chars:
+                    parts.append(doc)
+        if parts:
+            docs.append("\n\n".join(dict.fromkeys(parts)))  # ast.walk revisits the module node
+    return docs
+
+
+def load_texts(source: str | Path | None = None, split: str = "train", text_field: str = "text",
+               max_docs: int | None = None) -> list[str]:
+    """Documents from a source.
+
+    Args:
+        source: None for the standard library's documentation; a ``.txt``/``.md`` file; a folder
+            (every ``*.txt`` and ``*.md`` below it, sorted); otherwise a Hugging Face dataset name
+            (needs the ``datasets`` package and a reachable hub).
+        split, text_field, max_docs: for dataset names only.
+
+    Returns:
+        Non-empty documents, in a fixed order.
+    """
+    if source is None or source == "stdlib":
+        docs = stdlib_docs()
+    elif Path(source).is_file():
+        docs = [Path(source).read_text(encoding="utf-8", errors="replace")]
+    elif Path(source).is_dir():
+        files = sorted(p for p in Path(source).rglob("*") if p.suffix in {".txt", ".md"} and p.is_file())
+        docs = [p.read_text(encoding="utf-8", errors="replace") for p in files]
+    else:
+        if any(c in str(source) for c in "/\\") and not str(source).count("/") == 1:
+            raise FileNotFoundError(f"corpus {source!r} is neither a file nor a folder")
+        try:
+            import datasets
+        except ImportError as e:
+            raise FileNotFoundError(
+                f"corpus {source!r} is not a file or folder, and the 'datasets' package is not "
+                f"installed to read it as a Hugging Face dataset (pip install datasets)") from e
+        ds = datasets.load_dataset(str(source), split=split, streaming=True)
+        docs = [row[text_field] for row, _ in zip(ds, range(max_docs or 10_000))]
+    docs = [d for d in docs if d and d.strip()]
+    if not docs:
+        raise ValueError(f"corpus {source!r} is empty: no non-blank text found; give a file or folder "
+                         f"with text, or None for the standard library's documentation")
+    return docs
+
+
+def fingerprint(docs: list[str]) -> str:
+    """Short hash of a corpus, so activation stores know which text they came from."""
+    h = hashlib.sha256()
+    for d in docs:
+        h.update(d.encode("utf-8", "replace"))
+        h.update(b"\0")
+    return h.hexdigest()[:12]
+
+
+def token_windows(tokenizer, docs: list[str], ctx_len: int, n_windows: int | None = None,
+                  seed: int = 0, sep_token_id: int | None = None) -> torch.Tensor:
+    """Tokenise documents, join them with a separator, cut into windows, shuffle them by seed.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer (``model.tokenizer``).
+        docs: documents from `load_texts`.
+        ctx_len: tokens per window.
+        n_windows: how many windows to return; None returns all.
+        seed: shuffle seed; the same seed gives the same windows.
+        sep_token_id: placed between documents; default the tokenizer's ``<|endoftext|>``/EOS.
+
+    Returns:
+        Long tensor [n_windows, ctx_len].
+    """
+    if ctx_len < 2:
+        raise ValueError(f"ctx_len must be at least 2, got {ctx_len}")
+    if sep_token_id is None:
+        sep_token_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+        if sep_token_id is None or sep_token_id == tokenizer.unk_token_id and tokenizer.unk_token != "<|endoftext|>":
+            sep_token_id = tokenizer.eos_token_id
+    ids = tokenizer(docs, add_special_tokens=False)["input_ids"]
+    flat = np.fromiter((t for doc in ids for t in (*doc, sep_token_id)), dtype=np.int64)
+    n_avail = len(flat) // ctx_len
+    if n_avail == 0:
+        raise ValueError(f"corpus has {len(flat)} tokens, fewer than one window of {ctx_len}")
+    if n_windows is not None and n_windows > n_avail:
+        raise ValueError(f"asked for {n_windows} windows of {ctx_len} tokens but the corpus has only "
+                         f"{n_avail} ({len(flat):,} tokens); ask for fewer tokens or give a larger corpus")
+    windows = flat[: n_avail * ctx_len].reshape(n_avail, ctx_len)
+    order = np.random.default_rng(seed).permutation(n_avail)[: n_windows or n_avail]
+    return torch.from_numpy(windows[order].copy())

@@ -1,0 +1,56 @@
+import json
+
+import pytest
+import torch
+
+import sae_kit
+from sae_kit import metrics
+from sae_kit.claims import Claims
+
+
+def test_fvu_and_nmse_on_hand_checkable_numbers():
+    x = torch.tensor([[1.0, 0.0], [3.0, 0.0]])  # mean (2, 0); total variance 2
+    x_hat = torch.tensor([[2.0, 0.0], [2.0, 0.0]])  # errors 1 and 1
+    assert metrics.fvu(x, x_hat) == pytest.approx(1.0)
+    assert metrics.nmse(x, x_hat) == pytest.approx((1 / 1 + 1 / 9) / 2)
+    assert metrics.fvu(x, x) == 0.0
+
+
+def test_l0_density_dead_dense():
+    z = torch.tensor([[1.0, 0.0, 0.0, 2.0], [0.5, 0.0, 0.0, 0.0], [0.2, 0.0, 0.0, 0.0]])
+    assert metrics.l0(z) == pytest.approx(4 / 3)
+    d = metrics.feature_density(z)
+    assert d.tolist() == pytest.approx([1.0, 0.0, 0.0, 1 / 3])
+    assert metrics.dead_fraction(d) == 0.5
+    assert metrics.dense_fraction(d, 0.5) == 0.25
+
+
+def test_splice_identity_costs_nothing_and_zero_costs_a_lot(model, small_store):
+    out = metrics.splice_metrics(model, small_store, replace=lambda a: a, n_seqs=4, progress=False)
+    assert out["delta_ce"] == pytest.approx(0.0, abs=1e-4) and out["kl"] == pytest.approx(0.0, abs=1e-4)
+    assert out["ce_zero"] > out["ce_clean"] + 1.0
+    assert out["ce_recovered"] == pytest.approx(1.0, abs=1e-4)
+    noisy = metrics.splice_metrics(model, small_store, replace=lambda a: a + 30 * torch.randn_like(a),
+                                   n_seqs=4, progress=False)
+    assert noisy["delta_ce"] > 0.05 and noisy["kl"] > 0.05
+
+
+def test_claims_render_and_round_trip(tmp_path):
+    c = Claims("99_test", scale="ci")
+    c.add("a | b", "paper", "measured", True)
+    c.add("undecided", "p", "m", None, "too small")
+    assert "**held**" in c.to_markdown() and "a \\| b" in c.to_markdown()
+    assert "not decided" in c._repr_html_()
+    path = c.save(tmp_path)
+    assert json.loads(path.read_text())["claims"][1]["held"] is None
+    again = Claims.load(path)
+    assert [x.verdict for x in again.items] == ["held", "not decided"]
+
+
+def test_report_gathers_claims(tmp_path):
+    from sae_kit.report import write_report
+
+    Claims("00_x", scale="ci").save(tmp_path)
+    report = write_report(tmp_path, {"00_x": 61.0}, "ci")
+    text = report.read_text()
+    assert "## 00_x (1.0 min)" in text

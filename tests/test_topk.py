@@ -1,0 +1,138 @@
+import json
+
+import pytest
+import torch
+
+import sae_kit
+from sae_kit.saes import SAEConfig, fvu, geometric_median, topk_sae
+
+
+def dense_reference_loss(sae, x, k, k_aux):
+    """Plain autograd TopK + AuxK (all latents dead), as in METHODS §1.2."""
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    v, i = pre.topk(k, -1)
+    z = torch.zeros_like(pre).scatter(-1, i, torch.relu(v))
+    x_hat = z @ sae.W_dec + sae.b_dec
+    e = (x - x_hat).detach()
+    va, ia = pre.topk(k_aux, -1)
+    e_hat = torch.zeros_like(pre).scatter(-1, ia, torch.relu(va)) @ sae.W_dec
+    return fvu(x, x_hat) + sae.cfg.aux_coef * fvu(e, e_hat)
+
+
+def test_sparse_backward_equals_dense_autograd(rng):
+    x = torch.randn(64, 24, generator=rng) * 3 + 1
+    sae = topk_sae(24, 96, 5, seed=1, k_aux=12, dead_tokens=1)
+    sae.train()
+    sae.tokens_since_fired += 10  # every latent dead: AuxK active over all of them
+    sae.loss(x)["loss"].backward()
+    ours = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    sae.zero_grad()
+    dense_reference_loss(sae, x, 5, 12).backward()
+    for n, p in sae.named_parameters():
+        assert torch.allclose(ours[n], p.grad, atol=1e-6, rtol=1e-4), n
+
+
+def test_topk_keeps_exactly_the_k_largest(rng):
+    sae = topk_sae(8, 32, 3, seed=0)
+    x = torch.randn(10, 8, generator=rng)
+    z = sae.encode(x)
+    pre = sae.pre_acts(x)
+    for t in range(10):
+        kept = set(torch.nonzero(z[t]).flatten().tolist())
+        top = set(pre[t].topk(3).indices.tolist())
+        assert kept <= top and len(kept) == int((pre[t].topk(3).values > 0).sum())
+
+
+@pytest.mark.parametrize("k,d_sae", [(0, 10), (-1, 10), (10, 10), (11, 10)])
+def test_bad_k_is_a_clear_error(k, d_sae):
+    with pytest.raises(ValueError, match="0 < k < d_sae"):
+        SAEConfig(d_in=4, d_sae=d_sae, k=k)
+
+
+def test_wrong_input_width_is_a_clear_error():
+    sae = topk_sae(8, 32, 3)
+    with pytest.raises(ValueError, match="d_in=8"):
+        sae.encode(torch.randn(4, 9))
+
+
+def test_geometric_median_of_hand_checkable_points():
+    # three points on a line and one far outlier: the median sits at the middle point, the mean doesn't
+    x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0], [100.0, 0.0]])
+    m = geometric_median(x, iters=500)
+    assert 1.0 <= float(m[0]) <= 2.0 and abs(float(m[1])) < 1e-6
+    sq = torch.tensor([[1.0, 1.0], [-1.0, 1.0], [1.0, -1.0], [-1.0, -1.0]])
+    assert torch.allclose(geometric_median(sq), torch.zeros(2), atol=1e-5)
+
+
+def test_training_lowers_fvu_keeps_decoder_unit_norm_and_tracks_dead(small_store):
+    sae = topk_sae(576, 1152, 16, seed=0, dead_tokens=400)
+    x = small_store.get("eval")
+    before = sae_kit.reconstruction_metrics(sae, x)["fvu"]
+    hist = sae_kit.train(sae, small_store, batch_size=128, epochs=2, progress=False)
+    after = sae_kit.reconstruction_metrics(sae, x)["fvu"]
+    assert after < 0.8 * before
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(1152), atol=1e-5)
+    assert len(hist.fvu) == len(hist.dead) == len(hist.tokens) and hist.tokens[-1] > 0
+    assert all(0 <= d <= 1 for d in hist.dead)
+
+
+def test_auxk_gives_dead_latents_gradient(rng):
+    x = torch.randn(32, 16, generator=rng)
+    sae = topk_sae(16, 64, 2, seed=0, k_aux=8, dead_tokens=1)
+    sae.train()
+    sae.tokens_since_fired[:32] = 100  # the first half are dead
+    out = sae.loss(x)
+    assert float(out["aux"]) > 0
+    out["loss"].backward()
+    # dead latents get gradient only through AuxK
+    assert float(sae.W_dec.grad[:32].abs().sum()) > 0
+    sae.zero_grad()
+    sae.cfg.aux_coef = 0.0
+    sae.tokens_since_fired[:32] = 100
+    out = sae.loss(x)
+    out["loss"].backward()
+    never_selected = torch.ones(64, dtype=torch.bool)
+    never_selected[sae.encode(x).nonzero()[:, 1]] = False
+    assert float(sae.W_dec.grad[never_selected].abs().sum()) == 0
+
+
+def test_same_seed_same_numbers(small_store):
+    def run():
+        torch.manual_seed(123)
+        sae = topk_sae(576, 1152, 8, seed=3)
+        hist = sae_kit.train(sae, small_store, batch_size=128, progress=False, seed=5, max_steps=6)
+        return hist.loss, sae.W_dec.detach().clone()
+
+    (l1, w1), (l2, w2) = run(), run()
+    assert l1 == l2 and torch.equal(w1, w2)
+
+
+def test_save_load_round_trip_is_exact_and_atomic(tmp_path, rng):
+    sae = topk_sae(16, 64, 4, seed=2, model_name="m", hook_name="h")
+    sae.tokens_since_fired += 7
+    path = sae.save(tmp_path / "s")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
+    cfg = json.loads((path / "cfg.json").read_text())
+    assert cfg["architecture"] == "topk" and cfg["k"] == 4 and cfg["metadata"]["hook_name"] == "h"
+    again = sae_kit.load_sae(path)
+    x = torch.randn(20, 16, generator=rng)
+    assert torch.equal(again.reconstruct(x), sae.reconstruct(x))
+    assert torch.equal(again.tokens_since_fired, sae.tokens_since_fired)
+    sae.save(path)  # overwriting leaves one clean folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
+
+
+def test_sae_lens_loads_our_file_and_reconstructs_the_same(tmp_path, small_store):
+    sae_lens = pytest.importorskip("sae_lens")
+    sae = topk_sae(576, 1152, 16, seed=0)
+    sae_kit.train(sae, small_store, batch_size=128, progress=False, max_steps=5)
+    path = sae.save(tmp_path / "sae")
+    theirs = sae_lens.SAE.load_from_disk(str(path), device="cpu")
+    x = small_store.get("eval")[:256]
+    with torch.no_grad():
+        ours_hat, ours_z = sae(x)
+        their_z = theirs.encode(x)
+        their_hat = theirs.decode(their_z)
+    assert type(theirs).__name__ == "TopKSAE"
+    assert torch.allclose(their_z, ours_z, atol=1e-4)
+    assert torch.allclose(their_hat, ours_hat, atol=1e-3)
