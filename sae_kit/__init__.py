@@ -8,9 +8,9 @@ from .claims import Claims
 from .config import Scale, cache_dir, get_device, get_scale, setup
 from .corpus import load_texts, stdlib_docs, token_windows
 from .explorer import context_table, top_contexts
-from .metrics import evaluate, reconstruction_metrics, splice_metrics
+from .metrics import Splicer, evaluate, reconstruction_metrics, splice_metrics
 from .models import DEFAULT_MODEL, ModelNotInstalledError, load_model
-from .saes import SAE, SAEConfig, TopKSAE, load_sae, topk_sae
+from .saes import SAE, FeatureChoiceSAE, MutualChoiceSAE, SAEConfig, TopKSAE, choice_sae, load_sae, topk_sae
 from .train import History, train
 
 __version__ = "0.1.0"

@@ -54,71 +54,99 @@ def encode_batched(sae, x: torch.Tensor, batch_size: int = 4096, g: torch.Tensor
     return torch.cat(xs), z
 
 
-def reconstruction_metrics(sae, x: torch.Tensor, g: torch.Tensor | None = None) -> dict:
-    """FVU, nMSE, L0, dead % and dense % of `sae` on activations `x` (eval split)."""
-    x_hat, z = encode_batched(sae, x, g=g)
+def reconstruction_metrics(sae, x: torch.Tensor, g: torch.Tensor | None = None, batch_size: int = 4096) -> dict:
+    """FVU, nMSE, L0, dead % and dense % of `sae` on activations `x` (eval split).
+
+    `batch_size` matters only for batch-dependent rules (Mutual / Feature Choice in batch mode)."""
+    x_hat, z = encode_batched(sae, x, batch_size=batch_size, g=g)
     dens = feature_density(z)
     return {"fvu": fvu(x, x_hat), "nmse": nmse(x, x_hat), "l0": l0(z),
             "dead": dead_fraction(dens), "dense": dense_fraction(dens), "density": dens}
 
 
-@torch.no_grad()
-def splice_metrics(model, store, sae=None, n_seqs: int = 64, batch_seqs: int = 16,
-                   replace=None, progress: bool = True) -> dict:
-    """Cross-entropy with the SAE's reconstruction spliced in at the store's hook.
+class Splicer:
+    """Cross-entropy with an activation spliced in at the store's hook, on the store's eval windows.
 
-    The eval split's windows are run through the model three ways: clean, with the activation at
-    the stored positions (all but the first and last, see `activations`) replaced by the SAE's
-    reconstruction, and with it zero-ablated. CE is averaged over the next-token predictions made
-    from those positions.
+    Built once per store: it caches the residual stream entering the hook's block, the clean
+    next-token log-probabilities (fp16) and the zero-ablation CE, so each spliced dictionary then
+    costs one forward pass from the hook's layer on. Splicing replaces the activation at the stored
+    positions only (all but the first and last of each window, see `activations`), and CE / KL are
+    averaged over the next-token predictions made from those positions.
 
     Args:
         model: the HookedTransformer the store was harvested from.
-        store: an `ActivationStore` (its hook and eval windows are used).
-        sae: the dictionary; or pass `replace`.
+        store: an `ActivationStore`.
         n_seqs: eval windows to use.
         batch_seqs: windows per forward pass.
-        replace: optional function act [B, P, d_in] -> replacement (for other splices, e.g. dark matter).
-
-    Returns:
-        dict with ce_clean, ce_spliced, ce_zero, delta_ce, ce_recovered, kl (nats/token).
     """
-    spec = store.spec
-    if str(getattr(model.cfg, "model_name", "")) != spec.model:
-        raise ValueError(f"store was harvested from {spec.model!r}, not {model.cfg.model_name!r}")
-    if replace is None and sae is None:
-        raise ValueError("pass an sae or a replace function")
-    if replace is None:
-        def replace(a):
-            flat = a.reshape(-1, spec.d_in).to(sae.device, torch.float32)
-            return sae.reconstruct(flat).to(a.dtype).reshape(a.shape)
-    windows = store.tokens[list(store.window_range("eval"))][:n_seqs].long()
-    if len(windows) == 0:
-        raise ValueError("the store has no eval windows; harvest with eval_tokens > 0")
-    sl = slice(spec.skip_first, spec.ctx_len - spec.skip_last)
-    tot = {"clean": 0.0, "spliced": 0.0, "zero": 0.0, "kl": 0.0}
-    n = 0
-    for i in tqdm(range(0, len(windows), batch_seqs), desc="splice CE", disable=not progress, leave=False):
-        toks = windows[i:i + batch_seqs].to(model.cfg.device)
-        targets = toks[:, sl.start + 1: sl.stop + 1]
 
-        def run(fn=None):
-            hooks = [] if fn is None else [(spec.hook, _splice_hook(fn, sl))]
-            logits = model.run_with_hooks(toks, fwd_hooks=hooks)[:, sl].float()
-            return torch.log_softmax(logits, -1)
+    def __init__(self, model, store, n_seqs: int = 64, batch_seqs: int = 16, progress: bool = True):
+        from .activations import validate_hook
 
-        lp_clean = run()
-        lp_sae = run(replace)
-        lp_zero = run(torch.zeros_like)
-        ce = lambda lp: float(-lp.gather(-1, targets[..., None]).sum())
-        tot["clean"] += ce(lp_clean)
-        tot["spliced"] += ce(lp_sae)
-        tot["zero"] += ce(lp_zero)
-        tot["kl"] += float((lp_clean.exp() * (lp_clean - lp_sae)).sum())
-        n += targets.numel()
-    c, s, z = tot["clean"] / n, tot["spliced"] / n, tot["zero"] / n
-    return {"ce_clean": c, "ce_spliced": s, "ce_zero": z, "delta_ce": s - c,
-            "ce_recovered": (z - s) / (z - c) if z != c else float("nan"), "kl": tot["kl"] / n}
+        spec = store.spec
+        if str(getattr(model.cfg, "model_name", "")) != spec.model:
+            raise ValueError(f"store was harvested from {spec.model!r}, not {model.cfg.model_name!r}")
+        self.model, self.spec, self.batch_seqs, self.progress = model, spec, batch_seqs, progress
+        self.layer = validate_hook(model, spec.hook)
+        self.windows = store.tokens[list(store.window_range("eval"))][:n_seqs].long()
+        if len(self.windows) == 0:
+            raise ValueError("the store has no eval windows; harvest with eval_tokens > 0")
+        self.sl = slice(spec.skip_first, spec.ctx_len - spec.skip_last)
+        self.targets = self.windows[:, self.sl.start + 1: self.sl.stop + 1]
+        self.resid, self.logp_clean = [], []
+        ce_clean = ce_zero = 0.0
+        with torch.no_grad():
+            for i in self._chunks("cache clean CE"):
+                toks = self.windows[i:i + batch_seqs].to(model.cfg.device)
+                _, cache = model.run_with_cache(toks, names_filter=f"blocks.{self.layer}.hook_resid_pre",
+                                                stop_at_layer=self.layer + 1)
+                resid = cache[f"blocks.{self.layer}.hook_resid_pre"]
+                self.resid.append(resid)
+                lp = self._run(resid, None)
+                self.logp_clean.append(lp.half())
+                ce_clean += self._ce_sum(lp, i)
+                ce_zero += self._ce_sum(self._run(resid, torch.zeros_like), i)
+        n = self.targets.numel()
+        self.ce_clean, self.ce_zero = ce_clean / n, ce_zero / n
+
+    def _chunks(self, desc):
+        return tqdm(range(0, len(self.windows), self.batch_seqs), desc=desc, disable=not self.progress, leave=False)
+
+    def _run(self, resid, fn):
+        hooks = [] if fn is None else [(self.spec.hook, _splice_hook(fn, self.sl))]
+        logits = self.model.run_with_hooks(resid, start_at_layer=self.layer, fwd_hooks=hooks)
+        return torch.log_softmax(logits[:, self.sl].float(), -1)
+
+    def _ce_sum(self, lp, i):
+        t = self.targets[i:i + self.batch_seqs].to(lp.device)
+        return float(-lp.gather(-1, t[..., None]).sum())
+
+    @torch.no_grad()
+    def __call__(self, sae=None, replace=None) -> dict:
+        """ΔCE, CE recovered and KL(clean ‖ spliced) for `sae` (or a `replace` function
+        act [B, P, d_in] -> replacement). Returns a dict of nats/token numbers."""
+        if replace is None and sae is None:
+            raise ValueError("pass an sae or a replace function")
+        if replace is None:
+            def replace(a):
+                flat = a.reshape(-1, self.spec.d_in).to(sae.device, torch.float32)
+                return sae.reconstruct(flat).to(a.dtype).reshape(a.shape)
+        ce = kl = 0.0
+        for b, i in enumerate(self._chunks("splice CE")):
+            lp = self._run(self.resid[b], replace)
+            lp_clean = self.logp_clean[b].float()
+            ce += self._ce_sum(lp, i)
+            kl += float((lp_clean.exp() * (lp_clean - lp)).sum())
+        n = self.targets.numel()
+        s, c, z = ce / n, self.ce_clean, self.ce_zero
+        return {"ce_clean": c, "ce_spliced": s, "ce_zero": z, "delta_ce": s - c,
+                "ce_recovered": (z - s) / (z - c) if z != c else float("nan"), "kl": kl / n}
+
+
+def splice_metrics(model, store, sae=None, n_seqs: int = 64, batch_seqs: int = 16,
+                   replace=None, progress: bool = True) -> dict:
+    """One-off `Splicer` call; build a `Splicer` yourself to evaluate many dictionaries."""
+    return Splicer(model, store, n_seqs, batch_seqs, progress)(sae, replace)
 
 
 def _splice_hook(fn, sl: slice):
@@ -131,13 +159,16 @@ def _splice_hook(fn, sl: slice):
     return hook
 
 
-def evaluate(sae, store, model=None, n_seqs: int = 64, progress: bool = True, grads: bool = False) -> dict:
-    """Reconstruction metrics on the eval split, plus splice metrics when `model` is given."""
+def evaluate(sae, store, model=None, n_seqs: int = 64, progress: bool = True, grads: bool = False,
+             splicer: Splicer | None = None) -> dict:
+    """Reconstruction metrics on the eval split, plus splice metrics when `model` (or a `Splicer`) is given."""
     if grads:
         x, g = store.get("eval", grads=True)
     else:
         x, g = store.get("eval"), None
     out = reconstruction_metrics(sae, x, g)
-    if model is not None:
+    if splicer is not None:
+        out.update(splicer(sae))
+    elif model is not None:
         out.update(splice_metrics(model, store, sae, n_seqs=n_seqs, progress=progress))
     return out

@@ -54,3 +54,24 @@ def test_report_gathers_claims(tmp_path):
     report = write_report(tmp_path, {"00_x": 61.0}, "ci")
     text = report.read_text()
     assert "## 00_x (1.0 min)" in text
+
+
+def test_cached_splicer_matches_a_plain_full_forward(model, small_store):
+    """The Splicer's shortcut (cached resid, start_at_layer) must equal splicing in a full forward pass."""
+    noise = torch.randn(4, 62, 576, generator=torch.Generator().manual_seed(0)) * 20
+    replace = lambda a: a + noise[: len(a)].to(a.dtype)
+    ours = metrics.Splicer(model, small_store, n_seqs=4, batch_seqs=4, progress=False)(replace=replace)
+    spec = small_store.spec
+    toks = small_store.tokens[list(small_store.window_range("eval"))][:4].long()
+    def hook(act, hook):
+        act = act.clone()
+        act[:, 1:63] = replace(act[:, 1:63])
+        return act
+    with torch.no_grad():
+        logits = model.run_with_hooks(toks, fwd_hooks=[(spec.hook, hook)])
+        clean = model(toks)
+    lp = torch.log_softmax(logits[:, 1:63], -1)
+    ce = float(-lp.gather(-1, toks[:, 2:64, None]).mean())
+    ce_clean = float(-torch.log_softmax(clean[:, 1:63], -1).gather(-1, toks[:, 2:64, None]).mean())
+    assert ours["ce_spliced"] == pytest.approx(ce, abs=2e-3)
+    assert ours["ce_clean"] == pytest.approx(ce_clean, abs=2e-3)

@@ -83,4 +83,5 @@ def load_sae(path: str | Path, device=None) -> SAE:
     if (path / "sae_kit_state.safetensors").exists():
         state.update(load_file(str(path / "sae_kit_state.safetensors")))
     sae.load_state_dict(state)
+    sae.eval()
     return sae.to(device) if device is not None else sae

@@ -1,0 +1,232 @@
+"""Feature Choice and Mutual Choice SAEs, and aux_zipf_loss (Ayonrinde 2024, arXiv 2411.02124).
+
+Sparsification as an allocation problem: a batch of B tokens and n features form a B×n matrix of
+affinities (pre-activations), and the budget is k·B kept entries.
+- TopK (`topk.py`): every token (row) keeps its own k.
+- **Mutual Choice** (MC): keep the k·B largest entries anywhere in the matrix. This is BatchTopK
+  (Bussmann et al. 2024): tokens that need more features get more.
+- **Feature Choice** (FC): every feature (column) j keeps its own top m_j tokens, Σ m_j = k·B.
+  A token may get zero features; a feature with m_j positive affinities can never be dead.
+
+The paper has no public code; these parts are the kit's reconstruction (METHODS §2.2), each a knob
+in ``SAEConfig.extra``:
+- FC capacities: ``capacity="uniform"`` (m_j = k·B/n) or ``"zipf"``: m_j ∝ (r_j + b)^−α for the
+  feature's rank r_j by running density, (α, b) fitted on a trained TopK SAE's densities
+  (`fit_zipf`). Capacities are clipped at B and rounded so they sum to exactly k·B.
+- aux_zipf_loss (``aux="zipf"``): the AuxK term (top k_aux eligible pre-activations reconstruct
+  the detached residual, weight 1/32), where *eligible* = dead, or *under-used*: running density
+  below ``tau`` × the Zipf-predicted density k·p(rank) for the feature's rank. ``aux="auxk"``
+  uses dead latents only (AuxK), ``aux="none"`` switches it off. The paper's optional per-latent
+  shortfall weighting is not implemented.
+- Inference without the batch: a learned threshold θ, the EMA (``ema``) of each batch's selection
+  cut-off — one global θ for MC (the k·B-th largest value, as BatchTopK does), one θ_j per
+  feature for FC (its m_j-th largest value). ``sae.inference = "threshold"`` (default) encodes
+  each token alone as z = pre·[pre > θ] (a JumpReLU; saved as SAELens ``"jumprelu"``);
+  ``"batch"`` applies the batch rule to whatever batch `encode` is given.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import SAE, SAEConfig
+
+_DEFAULTS = {"capacity": "uniform", "zipf_alpha": 1.0, "zipf_b": 1.0, "aux": "auxk", "tau": 0.1,
+             "ema": 0.9, "density_decay": 0.98}
+
+
+def zipf_probs(n: int, alpha: float, b: float, device=None) -> torch.Tensor:
+    """p(r) ∝ (r + b)^−α for ranks r = 1..n, normalised to sum to 1."""
+    r = torch.arange(1, n + 1, dtype=torch.float64, device=device)
+    p = (r + b) ** (-alpha)
+    return (p / p.sum()).float()
+
+
+def capacities(probs: torch.Tensor, total: int, cap: int, min_one: bool = True) -> torch.Tensor:
+    """Integer capacities ∝ probs, each ≤ cap, summing to exactly `total` (largest remainder).
+
+    When the budget allows (total ≥ n), every feature first gets one slot and the rest is shared
+    in proportion: a Zipf tail rounded to zero would never fire, never climb in rank, and so be
+    dead for good (a kit choice; the paper does not say how it rounds).
+
+    Args:
+        probs: [n] non-negative weights.
+        total: k·B, the batch's budget.
+        cap: B, the most tokens a feature can take.
+    """
+    n = len(probs)
+    if total > n * cap:
+        raise ValueError(f"budget {total} exceeds n*B = {n * cap}")
+    if min_one and total >= n:
+        return 1 + capacities(probs, total - n, cap - 1, min_one=False)
+    if total == 0:
+        return torch.zeros(n, dtype=torch.long, device=probs.device)
+    p = probs.double() / probs.double().sum()
+    m = torch.zeros(n, dtype=torch.float64, device=probs.device)
+    free = torch.ones(n, dtype=torch.bool, device=probs.device)
+    left = float(total)
+    for _ in range(n):  # water-filling: clip at cap, give the excess to the rest
+        share = left * p * free / (p * free).sum()
+        over = free & (share > cap)
+        if not over.any():
+            m[free] = share[free]
+            break
+        m[over] = cap
+        free &= ~over
+        left = total - float(m[~free].sum())
+    base = m.floor()
+    short = int(total - base.sum())
+    if short > 0:
+        frac = (m - base).masked_fill(base >= cap, -1.0)
+        base[frac.topk(short).indices] += 1
+    return base.long()
+
+
+def fit_zipf(density: torch.Tensor, bs=(0.0, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0)) -> dict:
+    """Fit log density = c − α·log(rank + b) to the alive features' densities (sorted descending).
+
+    Returns:
+        dict with alpha, b, c, r2 (of the log-log fit) and n (features used).
+    """
+    d = torch.sort(density[density > 0].double(), descending=True).values
+    if len(d) < 3:
+        raise ValueError("need at least 3 alive features to fit a Zipf law")
+    r = torch.arange(1, len(d) + 1, dtype=torch.float64)
+    y = d.log()
+    best = None
+    for b in bs:
+        X = torch.stack([torch.ones_like(r), -(r + b).log()], 1)
+        coef = torch.linalg.lstsq(X, y[:, None]).solution[:, 0]
+        resid = y - X @ coef
+        r2 = 1 - float(resid.pow(2).sum() / (y - y.mean()).pow(2).sum())
+        if best is None or r2 > best["r2"]:
+            best = {"alpha": float(coef[1]), "b": b, "c": float(coef[0]), "r2": r2, "n": len(d)}
+    return best
+
+
+class _ChoiceSAE(SAE):
+    """Shared parts: running densities, learned thresholds, aux_zipf eligibility, inference modes."""
+
+    saelens_architecture = "jumprelu"
+    per_feature_threshold = False
+
+    def __init__(self, cfg: SAEConfig, seed: int = 0, device=None, dtype=torch.float32):
+        cfg.extra = {**_DEFAULTS, **cfg.extra}
+        if cfg.extra["aux"] not in ("auxk", "zipf", "none"):
+            raise ValueError(f"extra['aux'] must be 'auxk', 'zipf' or 'none', got {cfg.extra['aux']!r}")
+        if cfg.extra["capacity"] not in ("uniform", "zipf"):
+            raise ValueError(f"extra['capacity'] must be 'uniform' or 'zipf', got {cfg.extra['capacity']!r}")
+        super().__init__(cfg, seed=seed, device=device, dtype=dtype)
+        if cfg.extra["aux"] == "none":
+            cfg.aux_coef = 0.0
+        n = cfg.d_sae
+        self.register_buffer("density", torch.full((n,), cfg.k / n, device=device))
+        self.register_buffer("threshold", torch.zeros(n if self.per_feature_threshold else 1, device=device))
+        self.register_buffer("threshold_ready", torch.zeros((), dtype=torch.bool, device=device))
+        self.inference = "threshold"
+
+    def select(self, pre, g=None):
+        if self.training or self.inference == "batch":
+            keep = self.batch_keep(pre)
+        elif self.inference == "threshold":
+            if not bool(self.threshold_ready):
+                raise RuntimeError("threshold inference needs thresholds learned in training; train the SAE "
+                                   "first or set sae.inference = 'batch'")
+            keep = pre > self.threshold.clamp_min(0)
+        else:
+            raise ValueError(f"inference must be 'threshold' or 'batch', got {self.inference!r}")
+        rows, cols = keep.nonzero(as_tuple=True)  # row-major: rows come out sorted
+        return rows, cols
+
+    def batch_keep(self, pre: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def zipf_expected_density(self) -> torch.Tensor:
+        """k·p(rank) for each feature, ranked by its running density."""
+        e = self.cfg.extra
+        p = zipf_probs(self.cfg.d_sae, e["zipf_alpha"], e["zipf_b"], self.density.device)
+        ranks = torch.empty_like(self.density, dtype=torch.long)
+        ranks[self.density.argsort(descending=True)] = torch.arange(self.cfg.d_sae, device=self.density.device)
+        return (self.cfg.k * p[ranks]).clamp(max=1.0)
+
+    def under_used(self) -> torch.Tensor:
+        return self.density < self.cfg.extra["tau"] * self.zipf_expected_density()
+
+    def aux_eligible(self):
+        if self.cfg.extra["aux"] == "zipf":
+            return self.dead_mask() | self.under_used()
+        return self.dead_mask()
+
+    def after_step(self, pre, code):
+        d = self.cfg.extra["density_decay"]
+        fired = torch.bincount(code.cols[code.vals > 0], minlength=self.cfg.d_sae).float() / pre.shape[0]
+        self.density.mul_(d).add_((1 - d) * fired)
+        cut = self._cutoff.clamp_min(0)
+        if bool(self.threshold_ready):
+            self.threshold.mul_(self.cfg.extra["ema"]).add_((1 - self.cfg.extra["ema"]) * cut)
+        else:
+            self.threshold.copy_(cut.expand_as(self.threshold))
+            self.threshold_ready.fill_(True)
+
+    def saelens_tensors(self):
+        return {"threshold": self.threshold.clamp_min(0).expand(self.cfg.d_sae).clone()}
+
+
+class MutualChoiceSAE(_ChoiceSAE):
+    """Keep the k·B largest pre-activations of the batch (= BatchTopK)."""
+
+    def batch_keep(self, pre):
+        budget = self.cfg.k * pre.shape[0]
+        flat = pre.reshape(-1)
+        kth = flat.kthvalue(flat.numel() - budget + 1).values  # the budget-th largest, O(N)
+        keep = pre > kth
+        short = budget - int(keep.sum())
+        if short > 0:  # ties at the cut-off: take just enough of them
+            tie = (pre == kth).reshape(-1).nonzero().flatten()[:short]
+            keep.view(-1)[tie] = True
+        self._cutoff = kth.reshape(1)
+        return keep
+
+
+class FeatureChoiceSAE(_ChoiceSAE):
+    """Each feature keeps its top m_j tokens of the batch; uniform or Zipf capacities."""
+
+    per_feature_threshold = True
+
+    def feature_capacities(self, batch: int) -> torch.Tensor:
+        n, e = self.cfg.d_sae, self.cfg.extra
+        if e["capacity"] == "uniform":
+            probs = torch.ones(n, device=self.density.device)
+        else:  # by rank of running density
+            p = zipf_probs(n, e["zipf_alpha"], e["zipf_b"], self.density.device)
+            probs = torch.empty_like(p)
+            probs[self.density.argsort(descending=True)] = p
+        return capacities(probs, self.cfg.k * batch, batch)
+
+    def batch_keep(self, pre):
+        B = pre.shape[0]
+        m = self.feature_capacities(B)  # [n]
+        m_max = int(m.max())
+        vals, idx = pre.topk(m_max, dim=0)  # [m_max, n], per feature, descending
+        rank_ok = torch.arange(m_max, device=pre.device)[:, None] < m[None, :]
+        keep = torch.zeros_like(pre, dtype=torch.bool).scatter_(0, idx, rank_ok)
+        # cut-off per feature: its m_j-th largest value (features with m_j = 0 keep their threshold)
+        kth = vals.gather(0, (m - 1).clamp_min(0)[None, :])[0]
+        self._cutoff = torch.where(m > 0, kth, self.threshold if bool(self.threshold_ready) else kth)
+        return keep
+
+
+def choice_sae(rule: str, d_in: int, d_sae: int, k: int, seed: int = 0, device=None, **cfg) -> _ChoiceSAE:
+    """Shorthand: ``choice_sae("mc", 576, 4608, 32, extra={"aux": "zipf"})``; rule is "mc" or "fc"."""
+    cls = {"mc": MutualChoiceSAE, "fc": FeatureChoiceSAE}.get(rule)
+    if cls is None:
+        raise ValueError(f"rule must be 'mc' (Mutual Choice) or 'fc' (Feature Choice), got {rule!r}")
+    return cls(SAEConfig(d_in=d_in, d_sae=d_sae, k=k, architecture=rule, **cfg), seed=seed, device=device)
+
+
+def zipf_line(fit: dict, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ranks, fitted densities) for plotting a `fit_zipf` result."""
+    r = torch.arange(1, n + 1, dtype=torch.float64)
+    return r, torch.exp(fit["c"] - fit["alpha"] * (r + fit["b"]).log())
+
+

@@ -1,0 +1,124 @@
+import pytest
+import torch
+
+import sae_kit
+from sae_kit.saes import FeatureChoiceSAE, MutualChoiceSAE, capacities, choice_sae, fit_zipf, zipf_probs
+
+# a hand-checkable 3-token x 4-feature affinity matrix
+PRE = torch.tensor([[9.0, 1.0, 0.5, 3.0],
+                    [8.0, 7.0, 0.2, 0.1],
+                    [6.0, 5.0, 4.0, 2.0]])
+
+
+def kept(mask):
+    return {tuple(ij) for ij in mask.nonzero().tolist()}
+
+
+def test_mutual_choice_keeps_the_top_k_times_b_entries_of_the_batch():
+    sae = choice_sae("mc", 2, 4, k=2)  # budget k*B = 6
+    keep = sae.batch_keep(PRE)
+    assert kept(keep) == {(0, 0), (1, 0), (1, 1), (2, 0), (2, 1), (2, 2)}  # 9, 8, 7, 6, 5, 4
+    assert float(sae._cutoff) == 4.0
+    # token 0 gets 1 feature, token 2 gets 3: adaptive per-token L0, same total as TopK
+    assert keep.sum(1).tolist() == [1, 2, 3]
+
+
+def test_mutual_choice_ties_at_the_cut_off_fill_the_budget_exactly():
+    sae = choice_sae("mc", 2, 4, k=1)
+    pre = torch.tensor([[1.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    assert int(sae.batch_keep(pre).sum()) == 2
+
+
+def test_feature_choice_uniform_keeps_each_features_top_m_tokens():
+    sae = choice_sae("fc", 2, 4, k=2)  # k*B = 6 over 4 features: capacities 2,2,1,1 (rounded), sum 6
+    m = sae.feature_capacities(3)
+    assert int(m.sum()) == 6 and set(m.tolist()) <= {1, 2}
+    keep = sae.batch_keep(PRE)
+    for j in range(4):
+        col = PRE[:, j]
+        top = set(col.topk(int(m[j])).indices.tolist())
+        assert {i for i, jj in kept(keep) if jj == j} == top
+    assert keep.sum(0).tolist() == m.tolist()
+
+
+def test_capacities_sum_to_budget_respect_cap_and_follow_zipf():
+    p = zipf_probs(1000, alpha=1.2, b=2.0)
+    m = capacities(p, total=32 * 512, cap=512)
+    assert int(m.sum()) == 32 * 512
+    assert int(m.max()) <= 512 and int(m.min()) >= 1  # every feature gets a slot
+    assert bool((m[:-1] >= m[1:]).all())  # more probable ranks never get less
+    heavy = capacities(torch.tensor([100.0, 1.0, 1.0]), total=10, cap=4)
+    assert heavy.tolist()[0] == 4 and int(heavy.sum()) == 10  # clipped at B, excess redistributed
+
+
+def test_capacities_refuse_an_impossible_budget():
+    with pytest.raises(ValueError, match="exceeds"):
+        capacities(torch.ones(3), total=10, cap=3)
+
+
+def test_zipf_fit_recovers_a_planted_law():
+    r = torch.arange(1, 2001, dtype=torch.float64)
+    dens = 0.5 * (r + 3.0) ** -1.3
+    fit = fit_zipf(dens.float())
+    assert fit["alpha"] == pytest.approx(1.3, abs=0.02) and fit["b"] == 3.0 and fit["r2"] > 0.999
+
+
+def train_tiny(sae, x, steps=30):
+    sae_kit.train(sae, x, batch_size=64, epochs=steps, progress=False, lr=1e-3, max_steps=steps)
+    return sae
+
+
+@pytest.mark.parametrize("rule", ["mc", "fc"])
+def test_thresholds_encode_one_token_without_the_batch(rule, rng):
+    x = torch.randn(256, 16, generator=rng) @ torch.randn(16, 16, generator=rng)
+    sae = train_tiny(choice_sae(rule, 16, 48, k=4, seed=0), x)
+    assert bool(sae.threshold_ready)
+    sae.inference = "threshold"
+    z_all = sae.encode(x[:32])
+    z_one = torch.cat([sae.encode(x[i:i + 1]) for i in range(32)])
+    # batch-independent: same support, same values (up to BLAS rounding of a 1-row vs 32-row matmul)
+    assert torch.equal(z_all > 0, z_one > 0) and torch.allclose(z_all, z_one, atol=1e-5)
+    assert 0 < float((z_all > 0).sum(1).float().mean()) < 16
+    sae.inference = "batch"
+    assert float((sae.encode(x[:64]) > 0).sum()) <= 4 * 64
+
+
+def test_untrained_threshold_inference_is_a_clear_error():
+    sae = choice_sae("mc", 4, 8, k=2)
+    sae.eval()
+    with pytest.raises(RuntimeError, match="thresholds"):
+        sae.encode(torch.randn(3, 4))
+
+
+def test_aux_zipf_makes_under_used_features_eligible():
+    sae = choice_sae("mc", 4, 10, k=2, extra={"aux": "zipf", "tau": 0.5, "zipf_alpha": 1.0, "zipf_b": 0.0})
+    sae.density.copy_(torch.tensor([0.5, 0.4, 0.3, 0.2, 0.1, 0.09, 0.08, 0.07, 0.06, 0.0001]))
+    expected = sae.zipf_expected_density()
+    assert bool((expected[:-1] >= expected[1:]).all())
+    under = sae.under_used()
+    assert bool(under[-1]) and not bool(under[0])
+    assert bool(sae.aux_eligible()[-1]) and not bool(sae.dead_mask().any())
+    plain = choice_sae("mc", 4, 10, k=2, extra={"aux": "auxk"})
+    plain.density.copy_(sae.density)
+    assert not bool(plain.aux_eligible().any())
+
+
+def test_bad_rule_and_knobs_are_clear_errors():
+    with pytest.raises(ValueError, match="'mc'"):
+        choice_sae("xx", 4, 8, 2)
+    with pytest.raises(ValueError, match="aux"):
+        choice_sae("mc", 4, 8, 2, extra={"aux": "l1"})
+
+
+@pytest.mark.parametrize("rule", ["mc", "fc"])
+def test_choice_sae_round_trips_and_sae_lens_reads_it_as_jumprelu(rule, tmp_path, rng):
+    x = torch.randn(256, 16, generator=rng)
+    sae = train_tiny(choice_sae(rule, 16, 48, k=4, seed=1, extra={"capacity": "zipf"} if rule == "fc" else {}), x)
+    path = sae.save(tmp_path / rule)
+    again = sae_kit.load_sae(path)
+    assert type(again) is type(sae) and torch.equal(again.threshold, sae.threshold)
+    assert torch.equal(again.encode(x[:20]), sae.encode(x[:20]))
+    sae_lens = pytest.importorskip("sae_lens")
+    theirs = sae_lens.SAE.load_from_disk(str(path), device="cpu")
+    with torch.no_grad():
+        assert torch.allclose(theirs.encode(x[:20]), sae.encode(x[:20]), atol=1e-5)
