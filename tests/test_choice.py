@@ -122,3 +122,15 @@ def test_choice_sae_round_trips_and_sae_lens_reads_it_as_jumprelu(rule, tmp_path
     theirs = sae_lens.SAE.load_from_disk(str(path), device="cpu")
     with torch.no_grad():
         assert torch.allclose(theirs.encode(x[:20]), sae.encode(x[:20]), atol=1e-5)
+
+
+def test_mutual_choice_fast_search_equals_the_full_search(rng):
+    sae = choice_sae("mc", 2, 64, k=2)  # candidates: each row's top 8
+    for skew in (0.0, 6.0):  # skewed: one token holds most of the big affinities -> full search path
+        pre = torch.randn(16, 64, generator=rng)
+        pre[0] += skew
+        keep = sae.batch_keep(pre)
+        top = pre.reshape(-1).topk(32).indices
+        expect = torch.zeros(16 * 64, dtype=torch.bool)
+        expect[top] = True
+        assert torch.equal(keep.reshape(-1), expect)

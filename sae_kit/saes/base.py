@@ -6,9 +6,9 @@ Every dictionary is an `SAE` with ``encode(x) -> z``, ``decode(z) -> x_hat``, ``
 ``b_dec [d_in]`` (subtracted before encoding, added after decoding).
 
 A subclass says only *which* latents to keep (`select`); training then runs on the sparse code
-(rows, cols, vals) and never materialises the dense [B, d_sae] gradient: the decoder is an
-``embedding_bag`` over the kept atoms and the encoder's backward (`_GatherPre`) touches only the
-kept pre-activations. On 2 CPU cores this is ~4x faster per step than dense autograd (DESIGN.md).
+(rows, cols, vals): the decoder is an ``embedding_bag`` over the kept atoms (forward and backward),
+and the encoder's backward (`_GatherPre`) gathers only the kept encoder columns for ∂x.
+`benchmarks/bench_topk_step.py` measures the step against plain dense autograd.
 """
 
 from __future__ import annotations
@@ -48,8 +48,10 @@ class SAEConfig:
 class _GatherPre(torch.autograd.Function):
     """vals = pre[rows, cols] with pre = x_c @ W_enc + b_enc, computed outside the graph.
 
-    The backward only needs the kept entries: a sparse [B, d_sae] matrix of their gradients
-    multiplies x_c (for W_enc) and W_enc (for x_c), instead of a dense B×d_sae GEMM each.
+    The backward only needs the kept entries: ∂x_c is an embedding_bag over the kept encoder
+    columns (k rows of W_encᵀ per token instead of a dense B×d_sae×d_in GEMM), ∂W_enc is one GEMM
+    against the scattered gradient. (torch 2.13's CPU sparse matmuls measured slower than that GEMM.)
+    Needs `rows` sorted ascending.
     """
 
     @staticmethod
@@ -60,13 +62,16 @@ class _GatherPre(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_vals):
         x_c, W_enc, rows, cols = ctx.saved_tensors
-        # (row, col) pairs are unique but columns are unsorted within a row, so let torch coalesce
-        S = torch.sparse_coo_tensor(torch.stack([rows, cols]), g_vals, (x_c.shape[0], W_enc.shape[1]),
-                                    check_invariants=False).coalesce()
-        g_x = torch.sparse.mm(S, W_enc.t()) if ctx.needs_input_grad[0] else None
-        g_W = torch.sparse.mm(S.t(), x_c).t() if ctx.needs_input_grad[1] else None
-        g_b = torch.zeros(W_enc.shape[1], dtype=g_vals.dtype, device=g_vals.device).index_add_(0, cols, g_vals) \
-            if ctx.needs_input_grad[2] else None
+        B, n = x_c.shape[0], W_enc.shape[1]
+        g_x = g_W = g_b = None
+        if ctx.needs_input_grad[0]:
+            offsets = torch.searchsorted(rows, torch.arange(B, device=rows.device))
+            g_x = F.embedding_bag(cols, W_enc.t().contiguous(), offsets, mode="sum", per_sample_weights=g_vals)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            G = torch.zeros(B, n, dtype=g_vals.dtype, device=g_vals.device)
+            G[rows, cols] = g_vals  # (row, col) pairs are unique
+            g_W = x_c.t() @ G if ctx.needs_input_grad[1] else None
+            g_b = G.sum(0) if ctx.needs_input_grad[2] else None
         return g_x, g_W, g_b, None, None, None
 
 

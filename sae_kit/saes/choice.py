@@ -82,7 +82,7 @@ def capacities(probs: torch.Tensor, total: int, cap: int, min_one: bool = True) 
     return base.long()
 
 
-def fit_zipf(density: torch.Tensor, bs=(0.0, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0)) -> dict:
+def fit_zipf(density: torch.Tensor, bs=(0.0, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0)) -> dict:
     """Fit log density = c − α·log(rank + b) to the alive features' densities (sorted descending).
 
     Returns:
@@ -177,8 +177,13 @@ class MutualChoiceSAE(_ChoiceSAE):
 
     def batch_keep(self, pre):
         budget = self.cfg.k * pre.shape[0]
-        flat = pre.reshape(-1)
-        kth = flat.kthvalue(flat.numel() - budget + 1).values  # the budget-th largest, O(N)
+        # the budget-th largest entry, searched among each row's top 4k first (exact unless some
+        # row would keep more than 4k; then over the whole matrix)
+        cand = pre.topk(min(pre.shape[1], 4 * self.cfg.k), dim=1).values  # [B, 4k], descending
+        kth = cand.reshape(-1).kthvalue(cand.numel() - budget + 1).values
+        if bool((cand[:, -1] > kth).any()):
+            flat = pre.reshape(-1)
+            kth = flat.kthvalue(flat.numel() - budget + 1).values
         keep = pre > kth
         short = budget - int(keep.sum())
         if short > 0:  # ties at the cut-off: take just enough of them
