@@ -11,6 +11,6 @@ from .explorer import context_table, top_contexts
 from .metrics import Splicer, evaluate, reconstruction_metrics, splice_metrics
 from .models import DEFAULT_MODEL, ModelNotInstalledError, load_model
 from .saes import SAE, FeatureChoiceSAE, MutualChoiceSAE, SAEConfig, TopKSAE, choice_sae, load_sae, topk_sae
-from .train import History, train
+from .train import History, train, train_cached
 
 __version__ = "0.1.0"

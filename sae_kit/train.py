@@ -136,3 +136,37 @@ def _batches(store, batch_size, epochs, seed, device, grads):
         return it(), n * epochs
     return (store.batches(batch_size, "train", epochs=epochs, seed=seed, device=device, grads=grads),
             store.n_batches(batch_size, "train", epochs))
+
+
+def train_cached(sae, store, progress: bool = True, **train_kw):
+    """`train`, or load the result of an identical earlier run from the kit's cache.
+
+    The key is the store, the SAE's class, config and init seed, and the training arguments, so
+    notebooks that train the same SAE on the same store share it (e.g. 00 and 05).
+
+    Returns:
+        (sae, history): the trained (or loaded) SAE and its `History`.
+    """
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    from .config import cache_dir
+    from .saes import load_sae
+
+    desc = {"store": store.spec.key(), "class": type(sae).__name__, "cfg": asdict(sae.cfg),
+            "seed": getattr(sae, "init_seed", None), "train": {k: v for k, v in train_kw.items() if k != "desc"}}
+    key = hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    path = cache_dir() / "saes" / f"{sae.cfg.architecture}-{sae.cfg.d_sae}-k{sae.cfg.k}-{key}"
+    if (path / "history.json").exists():
+        loaded = load_sae(path, device=sae.device)
+        hist = History(**json.loads((path / "history.json").read_text()))
+        if progress:
+            print(f"loaded cached {sae.cfg.architecture} d_sae={sae.cfg.d_sae} k={sae.cfg.k} from {path.name}")
+        return loaded, hist
+    hist = train(sae, store, progress=progress, **train_kw)
+    sae.save(path)
+    tmp = path / "history.json.tmp"
+    tmp.write_text(json.dumps(hist.as_dict()))
+    tmp.replace(path / "history.json")
+    return sae, hist

@@ -111,6 +111,7 @@ class SAE(nn.Module):
     def __init__(self, cfg: SAEConfig, seed: int = 0, device=None, dtype=torch.float32):
         super().__init__()
         self.cfg = cfg
+        self.init_seed = seed
         gen = torch.Generator().manual_seed(seed)
         # tied init (Gao et al.): W_enc = W_decᵀ, atoms unit-norm; nn.Linear's uniform bound
         bound = 1 / cfg.d_in ** 0.5

@@ -82,13 +82,19 @@ def capacities(probs: torch.Tensor, total: int, cap: int, min_one: bool = True) 
     return base.long()
 
 
-def fit_zipf(density: torch.Tensor, bs=(0.0, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0)) -> dict:
+def fit_zipf(density: torch.Tensor, bs=(0.0, 1.0, 3.0, 10.0, 30.0, 100.0), head: float = 0.9) -> dict:
     """Fit log density = c − α·log(rank + b) to the alive features' densities (sorted descending).
 
+    The offset b is kept small (≤ 100) so the law stays a power law over most ranks: with b near
+    the number of features, (r + b)^−α is an exponential in disguise and fits anything smooth.
+    Only the `head` fraction of alive ranks is fitted, since the paper reports the law failing at
+    the low end; r2 is that fit's R² in log-log space.
+
     Returns:
-        dict with alpha, b, c, r2 (of the log-log fit) and n (features used).
+        dict with alpha, b, c, r2 and n (features fitted).
     """
     d = torch.sort(density[density > 0].double(), descending=True).values
+    d = d[: max(3, int(head * len(d)))]
     if len(d) < 3:
         raise ValueError("need at least 3 alive features to fit a Zipf law")
     r = torch.arange(1, len(d) + 1, dtype=torch.float64)
