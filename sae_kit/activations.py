@@ -336,5 +336,6 @@ def get_store(model, scale, hook: str | None = None, with_grads: bool = False, s
     """The store a notebook uses at `scale` (harvested on first use, reused after)."""
     hook = hook or default_hook(model)
     n = n_tokens or (scale.grad_tokens if with_grads else scale.n_tokens)
-    return harvest(model, hook, n_tokens=n + scale.eval_tokens, ctx_len=scale.ctx_len, seed=seed,
-                   eval_tokens=scale.eval_tokens, with_grads=with_grads, **kw)
+    n_eval = scale.grad_eval_tokens if with_grads else scale.eval_tokens
+    return harvest(model, hook, n_tokens=n + n_eval, ctx_len=scale.ctx_len, seed=seed,
+                   eval_tokens=n_eval, with_grads=with_grads, **kw)

@@ -1,48 +1,35 @@
-"""Analysis for notebook 01 (TopK vs Feature / Mutual Choice): sweeps, matched-L0 gaps, under-use.
-
-Everything here works on the one SAE interface and the metrics of `metrics`; the notebook only
-calls these and plots.
+"""Analysis for notebook 01 (TopK vs Feature / Mutual Choice): the variants, their evaluation in
+threshold and batch mode, under-used features, and per-token adaptive computation. Sweeps and
+matched-L0 comparisons are the generic ones in `sweeps`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import numpy as np
 import torch
 
 from .metrics import Splicer, encode_batched, feature_density, reconstruction_metrics
 from .saes import choice_sae, fit_zipf, topk_sae, zipf_probs
-from .train import train
+from .sweeps import Variant
 
 
-@dataclass
-class Variant:
-    """One row of the comparison: a label and how to build the SAE for a given k."""
-
-    label: str
-    rule: str  # "topk" | "mc" | "fc"
-    extra: dict
-    aux: bool = True  # TopK only: AuxK on or off
-
-    def build(self, d_in: int, d_sae: int, k: int, seed: int, dead_tokens: int, device=None):
-        if self.rule == "topk":
-            return topk_sae(d_in, d_sae, k, seed=seed, dead_tokens=dead_tokens, device=device,
-                            aux_coef=(1 / 32) if self.aux else 0.0)
-        return choice_sae(self.rule, d_in, d_sae, k, seed=seed, dead_tokens=dead_tokens, device=device,
-                          extra=dict(self.extra))
-
-
-def paper_variants(zipf: dict) -> list[Variant]:
+def paper_variants(zipf: dict, d_in: int, d_sae: int, dead_tokens: int, device=None) -> list[Variant]:
     """The six dictionaries of Ayonrinde 2024's comparison; `zipf` is a `fit_zipf` result."""
     z = {"zipf_alpha": zipf["alpha"], "zipf_b": zipf["b"]}
+    common = dict(dead_tokens=dead_tokens, device=device)
+
+    def topk(aux):
+        return lambda k, seed: topk_sae(d_in, d_sae, k, seed=seed, aux_coef=(1 / 32) if aux else 0.0, **common)
+
+    def choice(rule, **extra):
+        return lambda k, seed: choice_sae(rule, d_in, d_sae, k, seed=seed, extra=dict(extra), **common)
+
     return [
-        Variant("TopK", "topk", {}, aux=False),
-        Variant("TopK+AuxK", "topk", {}),
-        Variant("MC", "mc", {"aux": "none"}),
-        Variant("MC+aux_zipf", "mc", {"aux": "zipf", **z}),
-        Variant("FC-uniform", "fc", {"aux": "none", "capacity": "uniform"}),
-        Variant("FC-Zipf", "fc", {"aux": "none", "capacity": "zipf", **z}),
+        Variant("TopK", topk(False)),
+        Variant("TopK+AuxK", topk(True)),
+        Variant("MC", choice("mc", aux="none")),
+        Variant("MC+aux_zipf", choice("mc", aux="zipf", **z)),
+        Variant("FC-uniform", choice("fc", aux="none", capacity="uniform")),
+        Variant("FC-Zipf", choice("fc", aux="none", capacity="zipf", **z)),
     ]
 
 
@@ -77,54 +64,6 @@ def evaluate_variant(sae, x_eval: torch.Tensor, k: int, zipf: dict, batch_size: 
     if splicer is not None:
         out.update(splicer(sae))
     return out
-
-
-def run_sweep(variants: list[Variant], store, scale, ks, seeds=(0,), splicer=None, device=None,
-              zipf: dict | None = None, extra_seed_k: int | None = None) -> list[dict]:
-    """Train and evaluate every variant at every k (seed 0), plus extra seeds at `extra_seed_k`.
-
-    Returns one dict per trained SAE: label, k, seed, metrics, history.
-    """
-    x_eval = store.get("eval")
-    d_in, d_sae = store.d_in, scale.expansion * store.d_in
-    rows = []
-    for v in variants:
-        for k in ks:
-            for seed in (seeds if k == extra_seed_k else seeds[:1]):
-                sae = v.build(d_in, d_sae, k, seed, scale.dead_tokens, device)
-                hist = train(sae, store, batch_size=scale.batch_size, epochs=scale.epochs, seed=seed,
-                             desc=f"{v.label} k={k} seed={seed}")
-                m = evaluate_variant(sae, x_eval, k, zipf, scale.batch_size, splicer)
-                rows.append({"label": v.label, "seed": seed, "history": hist, "sae": sae, **m})
-    return rows
-
-
-def matched_l0_gap(rows: list[dict], label: str, reference: str = "TopK+AuxK", key: str = "fvu") -> list[float]:
-    """log(FVU_variant / FVU_reference interpolated at the variant's L0), seed 0, per k.
-
-    The reference frontier is interpolated in log-log space; negative means the variant is better.
-    """
-    ref = sorted((r for r in rows if r["label"] == reference and r["seed"] == 0), key=lambda r: r["l0"])
-    lx = np.log([r["l0"] for r in ref])
-    ly = np.log([r[key] for r in ref])
-    gaps = []
-    for r in rows:
-        if r["label"] != label or r["seed"] != 0:
-            continue
-        l = np.log(max(r["l0"], 1e-9))
-        if not lx[0] <= l <= lx[-1]:  # outside the reference's range: extrapolate linearly
-            i = 0 if l < lx[0] else len(lx) - 2
-            y = ly[i] + (ly[i + 1] - ly[i]) * (l - lx[i]) / (lx[i + 1] - lx[i])
-        else:
-            y = np.interp(l, lx, ly)
-        gaps.append(float(np.log(r[key]) - y))
-    return gaps
-
-
-def seed_spread(rows: list[dict], label: str, k: int, key: str = "fvu") -> tuple[float, float, int]:
-    """(mean, standard deviation, count) of a metric over seeds at one k."""
-    vals = [r[key] for r in rows if r["label"] == label and r["k"] == k]
-    return float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else float("nan"), len(vals)
 
 
 @torch.no_grad()

@@ -122,18 +122,25 @@ class Splicer:
         return float(-lp.gather(-1, t[..., None]).sum())
 
     @torch.no_grad()
-    def __call__(self, sae=None, replace=None) -> dict:
+    def __call__(self, sae=None, replace=None, g: torch.Tensor | None = None) -> dict:
         """ΔCE, CE recovered and KL(clean ‖ spliced) for `sae` (or a `replace` function
-        act [B, P, d_in] -> replacement). Returns a dict of nats/token numbers."""
+        act [B, P, d_in] -> replacement). Returns a dict of nats/token numbers.
+
+        `g`: per-token gradients of the eval split (``store.get("eval", grads=True)[1]``), for
+        dictionaries whose selection uses them (g-SAE in ``inference="gradient"`` mode)."""
         if replace is None and sae is None:
             raise ValueError("pass an sae or a replace function")
-        if replace is None:
-            def replace(a):
-                flat = a.reshape(-1, self.spec.d_in).to(sae.device, torch.float32)
-                return sae.reconstruct(flat).to(a.dtype).reshape(a.shape)
+        P = self.sl.stop - self.sl.start
+        if g is not None and len(g) < len(self.windows) * P:
+            raise ValueError(f"g has {len(g)} rows; the splice needs {len(self.windows) * P} (eval split order)")
         ce = kl = 0.0
         for b, i in enumerate(self._chunks("splice CE")):
-            lp = self._run(self.resid[b], replace)
+            if replace is None:
+                g_b = g[i * P:(i + self.batch_seqs) * P] if g is not None else None
+                fn = _reconstruct_with(sae, self.spec.d_in, g_b)
+            else:
+                fn = replace
+            lp = self._run(self.resid[b], fn)
             lp_clean = self.logp_clean[b].float()
             ce += self._ce_sum(lp, i)
             kl += float((lp_clean.exp() * (lp_clean - lp)).sum())
@@ -147,6 +154,14 @@ def splice_metrics(model, store, sae=None, n_seqs: int = 64, batch_seqs: int = 1
                    replace=None, progress: bool = True) -> dict:
     """One-off `Splicer` call; build a `Splicer` yourself to evaluate many dictionaries."""
     return Splicer(model, store, n_seqs, batch_seqs, progress)(sae, replace)
+
+
+def _reconstruct_with(sae, d_in: int, g: torch.Tensor | None):
+    def replace(a):
+        flat = a.reshape(-1, d_in).to(sae.device, torch.float32)
+        gg = g.to(sae.device) if g is not None else None
+        return sae.reconstruct(flat, gg).to(a.dtype).reshape(a.shape)
+    return replace
 
 
 def _splice_hook(fn, sl: slice):

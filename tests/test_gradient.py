@@ -1,0 +1,87 @@
+import pytest
+import torch
+
+import sae_kit
+from sae_kit.saes import gradient_sae, topk_sae
+from sae_kit.steering import alive_latents, steering_effects
+
+
+@pytest.fixture(scope="module")
+def grad_store(model, tmp_path_factory):
+    """A real store with ∂CE/∂x: 10 windows of layer-8 residuals (~5 s to harvest)."""
+    return sae_kit.harvest(model, "blocks.8.hook_resid_post", n_tokens=620, eval_tokens=124, ctx_len=64,
+                           with_grads=True, path=tmp_path_factory.mktemp("g") / "s", progress=False)
+
+
+def test_selection_prefers_latents_that_matter_downstream_but_keeps_plain_values():
+    sae = gradient_sae(2, 3, k=1, beta=1.0)
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]))
+        sae.W_enc.zero_()
+        sae.b_dec.zero_()
+        sae.b_enc.copy_(torch.tensor([1.0, 0.9, 0.1]))  # z = (1.0, 0.9, 0.1) for any x = 0
+    x = torch.zeros(1, 2)
+    g = torch.tensor([[0.0, 3.0]])  # only latent 1's direction moves the loss
+    sae.inference = "gradient"
+    z = sae.encode(x, g)
+    assert torch.nonzero(z[0]).flatten().tolist() == [1] and float(z[0, 1].detach()) == pytest.approx(0.9)
+    sae.inference = "topk"
+    assert torch.nonzero(sae.encode(x, g)[0]).flatten().tolist() == [0]  # plain TopK ignores g
+
+
+def test_beta_zero_is_topk_exactly(grad_store):
+    a = topk_sae(576, 1152, 8, seed=4)
+    b = gradient_sae(576, 1152, 8, beta=0.0, seed=4)
+    sae_kit.train(a, grad_store, batch_size=62, seed=1, progress=False)
+    sae_kit.train(b, grad_store, batch_size=62, seed=1, grads=True, progress=False)
+    assert torch.equal(a.W_dec, b.W_dec) and torch.equal(a.W_enc, b.W_enc)
+
+
+def test_gradients_change_what_a_trained_gsae_keeps(grad_store):
+    sae = gradient_sae(576, 1152, 8, beta=4.0, seed=0)
+    hist = sae_kit.train(sae, grad_store, batch_size=62, grads=True, progress=False)
+    assert hist.fvu[-1] < hist.fvu[0]
+    x, g = grad_store.get("eval", grads=True)
+    sae.inference = "gradient"
+    z_g = sae.encode(x, g)
+    sae.inference = "topk"
+    z_t = sae.encode(x)
+    assert ((z_g > 0) != (z_t > 0)).any()
+    assert (z_g > 0).sum(1).max() <= 8
+
+
+def test_training_a_gsae_without_gradients_is_a_clear_error(small_store):
+    sae = gradient_sae(576, 1152, 8)
+    with pytest.raises(ValueError, match="with_grads=True"):
+        sae_kit.train(sae, small_store, batch_size=62, progress=False, max_steps=1)
+
+
+def test_gsae_round_trips_and_reads_as_topk(tmp_path):
+    sae = gradient_sae(8, 32, 4, beta=2.0, seed=1)
+    again = sae_kit.load_sae(sae.save(tmp_path / "g"))
+    assert type(again).__name__ == "GradientSAE" and again.cfg.extra["beta"] == 2.0
+    x = torch.randn(5, 8)
+    assert torch.equal(again.encode(x), sae.encode(x))
+
+
+def test_splice_with_gradient_selection(model, grad_store):
+    sae = gradient_sae(576, 1152, 8, beta=4.0, seed=0)
+    sae_kit.train(sae, grad_store, batch_size=62, grads=True, progress=False)
+    splicer = sae_kit.Splicer(model, grad_store, n_seqs=2, progress=False)
+    _, g = grad_store.get("eval", grads=True)
+    sae.inference = "gradient"
+    with_g = splicer(sae, g=g)
+    sae.inference = "topk"
+    plain = splicer(sae)
+    assert with_g["ce_spliced"] != plain["ce_spliced"]
+    with pytest.raises(ValueError, match="rows"):
+        splicer(sae, g=g[:10])
+
+
+def test_steering_effect_is_zero_at_zero_push_and_grows_with_it(model, small_store):
+    sae = topk_sae(576, 1152, 8, seed=0)
+    splicer = sae_kit.Splicer(model, small_store, n_seqs=2, progress=False)
+    kl = [float(steering_effects(splicer, sae, [3], alpha, progress=False)[0]) for alpha in (0.0, 20.0, 80.0)]
+    assert kl[0] == pytest.approx(0.0, abs=1e-5) and 0 < kl[1] < kl[2]
+    dens = torch.tensor([0.0, 0.5, 0.2, 0.0, 0.01])
+    assert sorted(alive_latents(dens, 10)) == [1, 2, 4]
