@@ -3,6 +3,7 @@
 Start with ``sae_kit.setup(seed=0)``; sizes come from ``SAE_KIT_SCALE`` (ci | lab | paper).
 """
 
+from . import plots
 from .activations import ActivationStore, StoreMismatchError, default_hook, get_store, harvest
 from .claims import Claims
 from .config import Scale, cache_dir, get_device, get_scale, setup

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 
-def _save(fig, name: str | None):
+def save_figure(fig, name: str | None = None):
+    """Save `fig` as results/figures/<name>.png (folder from $SAE_KIT_RESULTS) when a name is given."""
     if name:
         folder = Path(os.environ.get("SAE_KIT_RESULTS", "results")) / "figures"
         folder.mkdir(parents=True, exist_ok=True)
@@ -41,7 +42,7 @@ def training_curves(histories: dict, save: str | None = None):
     axes[0].set_yscale("log")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    return _save(fig, save)
+    return save_figure(fig, save)
 
 
 def density_histogram(densities: dict, save: str | None = None):
@@ -58,7 +59,7 @@ def density_histogram(densities: dict, save: str | None = None):
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _save(fig, save)
+    return save_figure(fig, save)
 
 
 def frontier(points: dict, x: str = "l0", y: str = "fvu", logy: bool = True, save: str | None = None, ax=None):
@@ -74,7 +75,7 @@ def frontier(points: dict, x: str = "l0", y: str = "fvu", logy: bool = True, sav
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return _save(fig, save)
+    return save_figure(fig, save)
 
 
 def allocation_picture(pre: torch.Tensor, k: int, save: str | None = None):
@@ -102,7 +103,7 @@ def allocation_picture(pre: torch.Tensor, k: int, save: str | None = None):
         ax.set_yticks([])
     fig.text(0.99, 0.02, "red: features kept per token", ha="right", fontsize=8, color="tab:red")
     fig.tight_layout()
-    return _save(fig, save)
+    return save_figure(fig, save)
 
 
 def zipf_plot(densities: dict, fit: dict, save: str | None = None):
@@ -122,7 +123,7 @@ def zipf_plot(densities: dict, fit: dict, save: str | None = None):
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return _save(fig, save)
+    return save_figure(fig, save)
 
 
 def bars(values: dict, ylabel: str, save: str | None = None, ax=None, errors: dict | None = None):
@@ -135,7 +136,7 @@ def bars(values: dict, ylabel: str, save: str | None = None, ax=None, errors: di
     ax.tick_params(axis="x", rotation=30)
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
-    return _save(fig, save)
+    return save_figure(fig, save)
 
 
 def l0_histograms(l0s: dict, k: int, save: str | None = None):
@@ -151,7 +152,7 @@ def l0_histograms(l0s: dict, k: int, save: str | None = None):
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _save(fig, save)
+    return save_figure(fig, save)
 
 
 def difficulty_scatter(results: dict, save: str | None = None):
@@ -165,4 +166,4 @@ def difficulty_scatter(results: dict, save: str | None = None):
         ax.set_title(f"{label}: Spearman ρ = {r['rho']:.2f}")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _save(fig, save)
+    return save_figure(fig, save)
