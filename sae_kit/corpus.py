@@ -65,8 +65,10 @@ def load_texts(source: str | Path | None = None, split: str = "train", text_fiel
         files = sorted(p for p in Path(source).rglob("*") if p.suffix in {".txt", ".md"} and p.is_file())
         docs = [p.read_text(encoding="utf-8", errors="replace") for p in files]
     else:
-        if any(c in str(source) for c in "/\\") and not str(source).count("/") == 1:
-            raise FileNotFoundError(f"corpus {source!r} is neither a file nor a folder")
+        text = str(source)
+        looks_like_path = Path(text).suffix != "" or text.startswith((".", "/", "~")) or text.count("/") > 1
+        if looks_like_path:  # e.g. a mistyped file name: say so rather than ask a model hub
+            raise FileNotFoundError(f"corpus {text!r}: no such file or folder")
         try:
             import datasets
         except ImportError as e:

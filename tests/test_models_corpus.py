@@ -92,3 +92,10 @@ def test_scale_switch(monkeypatch):
     assert sae_kit.get_scale("ci", k=4).k == 4
     with pytest.raises(ValueError, match="ci, lab, paper"):
         sae_kit.get_scale("huge")
+
+
+def test_missing_corpus_file_says_so_instead_of_asking_a_hub(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+        load_texts(tmp_path / "missing.txt")
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+        load_texts("./notes.md")
