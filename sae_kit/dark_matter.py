@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .metrics import encode_batched
+from .metrics import Splicer, encode_batched, fvu
 
 
 def _with_one(x: torch.Tensor) -> torch.Tensor:
@@ -50,10 +50,6 @@ def r2_scores(y: torch.Tensor, y_hat: torch.Tensor) -> dict:
             "r2_global": float(1 - sse.sum() / sst.sum().clamp_min(1e-12))}
 
 
-def _fvu(x, x_hat):
-    return float((x - x_hat).double().pow(2).sum() / (x - x.mean(0)).double().pow(2).sum())
-
-
 @torch.no_grad()
 def linear_error_fit(sae, x_fit: torch.Tensor, x_test: torch.Tensor) -> dict:
     """Decompose one SAE's error into a linearly predictable part and the rest.
@@ -77,7 +73,7 @@ def linear_error_fit(sae, x_fit: torch.Tensor, x_test: torch.Tensor) -> dict:
     norm = r2_scores(e_test.pow(2).sum(1), predict(x_test, Wn))
     Wb = lstsq(x_fit, x_fit.pow(2).sum(1))
     base = r2_scores(x_test.pow(2).sum(1), predict(x_test, Wb))
-    return {"fvu": _fvu(x_test, xh_test), "fvu_nonlinear": _fvu(x_test, xh_test + e_lin),
+    return {"fvu": fvu(x_test, xh_test), "fvu_nonlinear": fvu(x_test, xh_test + e_lin),
             "vector_r2": vec["r2_mean_dim"], "vector_r2_global": vec["r2_global"],
             "norm_r2": norm["r2_global"], "norm_baseline_r2": base["r2_global"],
             "err_norm": e_test.norm(dim=1), "l0_per_token": (z > 0).sum(1), "W": W}
@@ -91,7 +87,30 @@ def nonlinear_split(x: torch.Tensor, x_hat: torch.Tensor, seed: int = 0) -> dict
     a, b = perm[: len(x) // 2], perm[len(x) // 2:]
     e = x - x_hat
     W = lstsq(x[a], e[a])
-    return {"fvu": _fvu(x[b], x_hat[b]), "fvu_nonlinear": _fvu(x[b], x_hat[b] + predict(x[b], W))}
+    return {"fvu": fvu(x[b], x_hat[b]), "fvu_nonlinear": fvu(x[b], x_hat[b] + predict(x[b], W))}
+
+
+@torch.no_grad()
+def splice_error_parts(splicer: Splicer, sae, W: torch.Tensor) -> dict:
+    """ΔCE when splicing x̂ (all of the error), x̂ + ê (only the nonlinear error left) and x − ê
+    (only the linear error left), with ê = [x, 1]·W from `linear_error_fit`."""
+    d_in = sae.cfg.d_in
+
+    def parts(a):
+        flat = a.reshape(-1, d_in).float()
+        return flat, sae.reconstruct(flat.to(sae.device)).to(flat.device), predict(flat.cpu(), W).to(flat.device)
+
+    def nonlinear_left(a):
+        _, x_hat, e_lin = parts(a)
+        return (x_hat + e_lin).reshape(a.shape).to(a.dtype)
+
+    def linear_left(a):
+        flat, _, e_lin = parts(a)
+        return (flat - e_lin).reshape(a.shape).to(a.dtype)
+
+    return {"delta_ce": splicer(sae)["delta_ce"],
+            "delta_ce_nonlinear_left": splicer(replace=nonlinear_left)["delta_ce"],
+            "delta_ce_linear_left": splicer(replace=linear_left)["delta_ce"]}
 
 
 def fit_power_law(widths, fvus, steps: int = 4000) -> dict:

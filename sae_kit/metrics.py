@@ -10,10 +10,14 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from .saes.base import fvu as _fvu
+
 
 def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
-    """Fraction of variance unexplained: Σ_t‖x_t − x̂_t‖² / Σ_t‖x_t − x̄‖² (Gao's normalised MSE)."""
-    return float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+    """Fraction of variance unexplained: Σ_t‖x_t − x̂_t‖² / Σ_t‖x_t − x̄‖² (Gao's normalised MSE).
+
+    The same function the SAEs train on (`saes.base.fvu`), computed in float64 and returned as a float."""
+    return float(_fvu(x.double(), x_hat.double()))
 
 
 def nmse(x: torch.Tensor, x_hat: torch.Tensor) -> float:

@@ -61,3 +61,13 @@ def test_gradient_pursuit_recovers_a_sparse_code_over_an_orthonormal_dictionary(
     assert torch.allclose(x_hat, x, atol=1e-4)
     fewer = dm.gradient_pursuit(x, D, b, torch.full((50,), 1), progress=False)
     assert (x - fewer).norm() > (x - x_hat).norm()  # fewer steps: more error, never less
+
+
+def test_splice_error_parts_with_no_linear_part(model, small_store):
+    import sae_kit
+
+    sae = sae_kit.topk_sae(576, 1152, 8, seed=0)
+    splicer = sae_kit.Splicer(model, small_store, n_seqs=2, progress=False)
+    out = dm.splice_error_parts(splicer, sae, torch.zeros(577, 576, dtype=torch.float64))  # ê = 0
+    assert out["delta_ce_nonlinear_left"] == pytest.approx(out["delta_ce"], abs=1e-5)  # x̂ + 0 = x̂
+    assert out["delta_ce_linear_left"] == pytest.approx(0.0, abs=1e-4)  # x − 0 = x
