@@ -27,7 +27,8 @@ unit: setup
 	$(PY) -m pytest -q tests
 
 nbval: setup
-	SAE_KIT_SCALE=ci $(PY) -m pytest -q --nbval-lax --nbval-current-env notebooks/
+	# no progress bars under nbval: their widget updates can flood the kernel's output channel
+	TQDM_DISABLE=1 SAE_KIT_SCALE=ci $(PY) -m pytest -q --nbval-lax --nbval-current-env notebooks/
 
 reproduce: setup
 	SAE_KIT_SCALE=$(SCALE) $(PY) -m sae_kit.report

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .config import cache_dir, get_device
+from .config import bars_off, cache_dir, get_device
 from .corpus import fingerprint, load_texts, token_windows
 from .models import model_id
 
@@ -267,7 +267,7 @@ def harvest(model, hook: str, n_tokens: int, ctx_len: int = 64, corpus=None, see
     if not done:
         _atomic_json(part / "progress.json", {"spec": asdict(spec), "windows_done": 0})
     sl = slice(SKIP_FIRST, ctx_len - SKIP_LAST)
-    bar = tqdm(total=spec.n_tokens, initial=done * per_window, unit="tok", disable=not progress,
+    bar = tqdm(total=spec.n_tokens, initial=done * per_window, unit="tok", disable=bars_off(progress),
                desc=f"harvest {hook}" + (" +grads" if with_grads else ""))
     t0 = time.time()
     for w0 in range(done, n_windows, batch_windows):

@@ -88,6 +88,12 @@ def get_device(device: str | torch.device | None = None) -> torch.device:
     return device
 
 
+def bars_off(progress: bool = True) -> bool:
+    """tqdm's `disable`: off when `progress` is false or ``TQDM_DISABLE=1`` (CI sets it: under nbval,
+    thousands of widget-bar updates can flood the kernel's output channel)."""
+    return not progress or os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")
+
+
 def cache_dir() -> Path:
     """Where converted models and activation stores live (``SAE_KIT_CACHE`` overrides)."""
     root = os.environ.get("SAE_KIT_CACHE")

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .config import bars_off
+
 from .metrics import Splicer, encode_batched, fvu
 
 
@@ -172,7 +174,7 @@ def gradient_pursuit(x: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor, 
     """
     D = W_dec.detach().float().cpu()  # [n, d]
     out = []
-    for i in tqdm(range(0, len(x), batch_size), desc="gradient pursuit", disable=not progress, leave=False):
+    for i in tqdm(range(0, len(x), batch_size), desc="gradient pursuit", disable=bars_off(progress), leave=False):
         s = (x[i:i + batch_size] - b_dec.detach().cpu()).float()
         steps = n_steps[i:i + batch_size]
         w = torch.zeros(len(s), D.shape[0])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from .config import bars_off
 from .saes.base import fvu as _fvu
 
 
@@ -114,7 +115,7 @@ class Splicer:
         self.ce_clean, self.ce_zero = ce_clean / n, ce_zero / n
 
     def _chunks(self, desc):
-        return tqdm(range(0, len(self.windows), self.batch_seqs), desc=desc, disable=not self.progress, leave=False)
+        return tqdm(range(0, len(self.windows), self.batch_seqs), desc=desc, disable=bars_off(self.progress), leave=False)
 
     def _run(self, resid, fn):
         hooks = [] if fn is None else [(self.spec.hook, _splice_hook(fn, self.sl))]

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from .config import bars_off
+
 from .metrics import Splicer
 
 
@@ -29,7 +31,7 @@ def steering_effects(splicer: Splicer, sae, latents, alpha: float, progress: boo
         Tensor [len(latents)] of KL values (nats/token).
     """
     out = []
-    for i in tqdm(list(latents), desc="steering", disable=not progress, leave=False):
+    for i in tqdm(list(latents), desc="steering", disable=bars_off(progress), leave=False):
         d = sae.W_dec[i].detach()
         out.append(splicer(replace=lambda a, d=d: a + alpha * d.to(a.device, a.dtype))["kl"])
     return torch.tensor(out)

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from .config import bars_off
+
 
 def default_lr(d_sae: int) -> float:
     """2e-4 · sqrt(16384 / d_sae) (EleutherAI's rule, METHODS §1.4), doubled for short CPU runs."""
@@ -86,7 +88,7 @@ def train(sae, store, batch_size: int = 2048, epochs: int = 1, lr: float | None 
 
     hist = History()
     sae.train()
-    bar = tqdm(total=n_steps, desc=desc or f"train {sae.cfg.architecture} k={sae.cfg.k}", disable=not progress)
+    bar = tqdm(total=n_steps, desc=desc or f"train {sae.cfg.architecture} k={sae.cfg.k}", disable=bars_off(progress))
     t0, seen = time.time(), 0
     for step, batch in enumerate(batches):
         if step >= n_steps:

@@ -99,3 +99,12 @@ def test_missing_corpus_file_says_so_instead_of_asking_a_hub(tmp_path):
         load_texts(tmp_path / "missing.txt")
     with pytest.raises(FileNotFoundError, match="no such file or folder"):
         load_texts("./notes.md")
+
+
+def test_progress_bars_obey_tqdm_disable(monkeypatch):
+    from sae_kit.config import bars_off
+
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    assert bars_off(True) is False and bars_off(False) is True
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    assert bars_off(True) is True
