@@ -13,8 +13,7 @@ and the encoder's backward (`_GatherPre`) gathers only the kept encoder columns 
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -83,6 +82,7 @@ class SparseCode:
     cols: torch.Tensor  # [nnz] long
     vals: torch.Tensor  # [nnz] float, ReLU'd (may hold zeros where fewer than k were positive)
     shape: tuple[int, int]  # (B, d_sae)
+    pre: torch.Tensor | None = None  # [B, d_sae] pre-activations the selection saw (no grad)
 
     def dense(self) -> torch.Tensor:
         z = torch.zeros(self.shape, dtype=self.vals.dtype, device=self.vals.device)
@@ -150,8 +150,7 @@ class SAE(nn.Module):
             pre = x_c @ self.W_enc + self.b_enc
             rows, cols = self.select(pre, g)
         vals = F.relu(_GatherPre.apply(x_c, self.W_enc, self.b_enc, rows, cols, pre))
-        self._last_pre = pre
-        return SparseCode(rows, cols, vals, (x.shape[0], self.cfg.d_sae))
+        return SparseCode(rows, cols, vals, (x.shape[0], self.cfg.d_sae), pre)
 
     def encode(self, x: torch.Tensor, g: torch.Tensor | None = None) -> torch.Tensor:
         """Dense latents z [B, d_sae]."""
@@ -175,7 +174,7 @@ class SAE(nn.Module):
         code = self.encode_sparse(x, g)
         x_hat = sparse_decode(code, self.W_dec) + self.b_dec
         main = fvu(x, x_hat)
-        aux = self.aux_loss(x, x_hat.detach(), self._last_pre)
+        aux = self.aux_loss(x, x_hat.detach(), code.pre)
         out = {"loss": main + self.cfg.aux_coef * aux, "fvu": main.detach(), "aux": aux.detach(),
                "l0": (code.vals > 0).sum().float() / x.shape[0]}
         if self.training:
@@ -183,7 +182,7 @@ class SAE(nn.Module):
                 fired = torch.bincount(code.cols[code.vals > 0], minlength=self.cfg.d_sae) > 0
                 self.tokens_since_fired += x.shape[0]
                 self.tokens_since_fired[fired] = 0
-                self.after_step(self._last_pre, code)
+                self.after_step(code.pre, code)
             out["dead"] = self.dead_mask().float().mean()
         return out
 
@@ -258,6 +257,3 @@ def geometric_median(x: torch.Tensor, iters: int = 100, eps: float = 1e-6) -> to
         m = m_new
     return m
 
-
-def config_dict(cfg: SAEConfig) -> dict:
-    return json.loads(json.dumps(asdict(cfg)))
