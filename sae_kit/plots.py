@@ -167,3 +167,121 @@ def difficulty_scatter(results: dict, save: str | None = None):
         ax.grid(alpha=0.3)
     fig.tight_layout()
     return save_figure(fig, save)
+
+
+def recovery_heatmaps(rows: list[dict], groups: dict, save: str | None = None):
+    """Cosine between true features (rows) and their Hungarian-matched atoms (columns), one panel
+    per method (`synthetic.recovery_benchmark` rows; the first seed of each method is drawn)."""
+    first = {}
+    for r in rows:
+        first.setdefault(r["method"], r)
+    fig, axes = plt.subplots(1, len(first), figsize=(3.3 * len(first), 3.5), squeeze=False)
+    edges = np.cumsum([len(v) for v in groups.values()])[:-1] - 0.5
+    for ax, (name, r) in zip(axes[0], first.items()):
+        m = r["match"]
+        C = m["cos"][:, m["assignment"]]
+        im = ax.imshow(C, vmin=-1, vmax=1, cmap="RdBu_r")
+        for e in edges:
+            ax.axhline(e, color="k", lw=0.6)
+            ax.axvline(e, color="k", lw=0.6)
+        ax.set_title(f"{name}\nmatched cos {m['mean']:.2f}", fontsize=9)
+        ax.set_xlabel("matched atom")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    plural = {"child": "children"}
+    axes[0][0].set_ylabel(" | ".join(plural.get(g, g + "s") for g in groups) + " (top → bottom)", fontsize=8)
+    fig.colorbar(im, ax=axes[0].tolist(), fraction=0.02)
+    return save_figure(fig, save)
+
+
+def pursuit_small_multiples(sae, x: torch.Tensor, steps: int, shape=(8, 8), save: str | None = None):
+    """Matching pursuit on one input, step by step: the atom picked (with its coefficient), the
+    reconstruction so far, and the residual left, for images of `shape`."""
+    from .saes.matching_pursuit import residual_norms
+
+    x = x.reshape(1, -1).to(sae.device)
+    code = sae.pursue(x, steps, threshold=0.0)
+    idx, vals = code.cols.cpu(), code.vals.detach().cpu()
+    norms = residual_norms(sae, x, steps)[0]
+    W, b = sae.W_dec.detach().cpu(), sae.b_dec.detach().cpu()
+    fig, axes = plt.subplots(3, steps + 1, figsize=(1.25 * (steps + 1), 4.1))
+    x0, recon = x.cpu()[0], b.clone()
+    panels = [(b, "start: b_dec", recon.clone())]  # (atom, title, reconstruction so far)
+    for t in range(steps):
+        recon = recon + vals[t] * W[idx[t]]
+        panels.append((W[idx[t]], f"#{int(idx[t])} ×{float(vals[t]):.2f}", recon.clone()))
+    for col, (atom, title, rec) in enumerate(panels):
+        for row, (img, signed) in enumerate([(atom, True), (rec, False), (x0 - rec, True)]):
+            ax = axes[row, col]
+            lim = float(img.abs().max()) or 1.0
+            ax.imshow(img.reshape(shape).numpy(), cmap="RdBu_r" if signed else "gray_r",
+                      vmin=-lim if signed else 0, vmax=lim)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[0, col].set_title(title, fontsize=7)
+        axes[2, col].set_xlabel(f"‖r‖={float(norms[col]):.2f}", fontsize=7)
+    for row, name in enumerate(["atom picked", "reconstruction", "residual"]):
+        axes[row, 0].set_ylabel(name, fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, save)
+
+
+def progressive_grid(recons: dict, x: torch.Tensor, steps: list[int], shape=(8, 8), save: str | None = None):
+    """Reconstructions of the same images after more and more inference steps.
+
+    `recons` maps a row label to {steps: reconstructions [n_images, d]}; the originals come first."""
+    n_img = x.shape[0]
+    fig, axes = plt.subplots(len(recons) * n_img, len(steps) + 1,
+                             figsize=(1.0 * (len(steps) + 1), 1.05 * len(recons) * n_img), squeeze=False)
+    for i, (label, by_step) in enumerate(recons.items()):
+        for j in range(n_img):
+            row = axes[i * n_img + j]
+            row[0].imshow(x[j].reshape(shape).numpy(), cmap="gray_r", vmin=0, vmax=1)
+            for c, s in enumerate(steps):
+                row[c + 1].imshow(by_step[s][j].reshape(shape).numpy(), cmap="gray_r", vmin=0, vmax=1)
+            row[0].set_ylabel(label if j == 0 else "", fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[0][0].set_title("input", fontsize=8)
+    for c, s in enumerate(steps):
+        axes[0][c + 1].set_title(f"{s} steps", fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, save)
+
+
+def fvu_vs_steps(curves: dict, trained_k=None, save: str | None = None, ax=None):
+    """FVU against the number of latents kept at inference ({label: (steps, fvus)}); a dotted line at
+    the training k (one value, or {label: k})."""
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(6.2, 3.6))
+    for i, (label, (steps, f)) in enumerate(curves.items()):
+        ax.plot(steps, f, "o-" if "MP" in label else "s--", ms=3.5, color=f"C{i}", label=label)
+        k = trained_k.get(label) if isinstance(trained_k, dict) else trained_k
+        if k is not None:
+            ax.axvline(k, color=f"C{i}", ls=":", lw=1)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("latents per token at inference (MP steps / TopK k′)")
+    ax.set_ylabel("FVU (held out)")
+    ax.legend(fontsize=7.5)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    return save_figure(fig, save)
+
+
+def coherence_histogram(max_cos: dict, reference: float | None = None, save: str | None = None):
+    """Histogram of each atom's largest |cos| with another atom ({label: tensor}); a line at the
+    mean for random atoms of the same shape."""
+    fig, ax = plt.subplots(figsize=(6.2, 3.3))
+    for i, (label, v) in enumerate(max_cos.items()):
+        v = torch.as_tensor(v).numpy()
+        ax.hist(v, bins=50, range=(0, 1), histtype="step", lw=1.5, density=True, color=f"C{i}",
+                label=f"{label} (mean {v.mean():.2f})")
+    if reference is not None:
+        ax.axvline(reference, color="grey", ls=":", label=f"random atoms ({reference:.2f})")
+    ax.set_xlabel("max |cos| with any other atom")
+    ax.set_ylabel("density")
+    ax.legend(fontsize=7.5)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return save_figure(fig, save)

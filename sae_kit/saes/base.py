@@ -85,12 +85,19 @@ class SparseCode:
     pre: torch.Tensor | None = None  # [B, d_sae] pre-activations the selection saw (no grad)
 
     def dense(self) -> torch.Tensor:
+        """z [B, d_sae]; a latent kept twice for one token (matching pursuit) adds up."""
         z = torch.zeros(self.shape, dtype=self.vals.dtype, device=self.vals.device)
-        z[self.rows, self.cols] = self.vals
-        return z
+        return z.index_put((self.rows, self.cols), self.vals, accumulate=True)
 
     def l0_per_token(self) -> torch.Tensor:
-        return torch.bincount(self.rows[self.vals > 0], minlength=self.shape[0])
+        """Distinct active latents per token."""
+        keep = self.vals > 0
+        flat = torch.unique(self.rows[keep] * self.shape[1] + self.cols[keep])
+        return torch.bincount(flat // self.shape[1], minlength=self.shape[0])
+
+    def fired(self) -> torch.Tensor:
+        """[d_sae] bool: latents active on at least one token of the batch."""
+        return torch.bincount(self.cols[self.vals > 0], minlength=self.shape[1]) > 0
 
 
 def sparse_decode(code: SparseCode, W_dec: torch.Tensor) -> torch.Tensor:
@@ -170,21 +177,29 @@ class SAE(nn.Module):
         return self.tokens_since_fired >= self.cfg.dead_tokens
 
     def loss(self, x: torch.Tensor, g: torch.Tensor | None = None) -> dict:
-        """FVU of the reconstruction + aux_coef · AuxK loss on dead latents; updates dead stats."""
+        """FVU of the reconstruction + aux_coef · AuxK loss on dead latents (+ any `penalty`); updates dead stats."""
         code = self.encode_sparse(x, g)
         x_hat = sparse_decode(code, self.W_dec) + self.b_dec
         main = fvu(x, x_hat)
         aux = self.aux_loss(x, x_hat.detach(), code.pre)
-        out = {"loss": main + self.cfg.aux_coef * aux, "fvu": main.detach(), "aux": aux.detach(),
+        out = {"loss": main + self.cfg.aux_coef * aux + self.penalty(x, code), "fvu": main.detach(), "aux": aux.detach(),
                "l0": (code.vals > 0).sum().float() / x.shape[0]}
         if self.training:
+            self.track_firing(code)
             with torch.no_grad():
-                fired = torch.bincount(code.cols[code.vals > 0], minlength=self.cfg.d_sae) > 0
-                self.tokens_since_fired += x.shape[0]
-                self.tokens_since_fired[fired] = 0
                 self.after_step(code.pre, code)
             out["dead"] = self.dead_mask().float().mean()
         return out
+
+    @torch.no_grad()
+    def track_firing(self, code: SparseCode) -> None:
+        """Count tokens since each latent last fired (the dead-latent clock)."""
+        self.tokens_since_fired += code.shape[0]
+        self.tokens_since_fired[code.fired()] = 0
+
+    def penalty(self, x: torch.Tensor, code: SparseCode) -> torch.Tensor:
+        """An extra term of the loss (a sparsity penalty); none for TopK-style rules."""
+        return torch.zeros((), device=x.device)
 
     def aux_eligible(self) -> torch.Tensor:
         """Latents the auxiliary loss may use: dead ones (AuxK). Subclasses may widen it."""

@@ -1,7 +1,7 @@
 """Save and load dictionaries in SAELens's on-disk layout (``cfg.json`` + ``sae_weights.safetensors``).
 
 ``sae_lens.SAE.load_from_disk(path)`` reads what `save_sae` writes: TopK-style dictionaries are
-saved as SAELens ``"topk"``; the kit's own config (architecture, k_aux, thresholds...) rides along
+saved as SAELens ``"topk"``, matching pursuit as ``"matching_pursuit"``; the kit's own config (architecture, k_aux, thresholds...) rides along
 in ``metadata.sae_kit`` so `load_sae` rebuilds the exact class. Writes go to a temporary folder
 that is renamed into place, so an interrupted save never leaves a half-written SAE.
 """
@@ -19,6 +19,7 @@ import torch
 from .base import SAE, SAEConfig
 
 _WEIGHTS, _CFG = "sae_weights.safetensors", "cfg.json"
+_CORE = ("W_enc", "b_enc", "W_dec", "b_dec")  # SAELens's tensors (a tied SAE has no W_enc / b_enc)
 
 
 def saelens_architecture(sae: SAE) -> str:
@@ -36,14 +37,15 @@ def save_sae(sae: SAE, path: str | Path) -> Path:
     tmp.mkdir(parents=True)
     tensors = {n: p.detach().cpu().contiguous() for n, p in sae.state_dict().items()}
     extra = tensors_for_saelens(sae)
-    save_file({**{n: tensors[n] for n in ("W_enc", "b_enc", "W_dec", "b_dec")}, **extra}, str(tmp / _WEIGHTS))
-    kit_state = {n: t for n, t in tensors.items() if n not in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    save_file({**{n: tensors[n] for n in _CORE if n in tensors}, **extra}, str(tmp / _WEIGHTS))
+    kit_state = {n: t for n, t in tensors.items() if n not in _CORE}
     save_file(kit_state, str(tmp / "sae_kit_state.safetensors"))
     c = sae.cfg
     cfg = {
         "architecture": saelens_architecture(sae), "d_in": c.d_in, "d_sae": c.d_sae, "k": c.k,
         "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
         "normalize_activations": "none", "reshape_activations": "none",
+        **(sae.saelens_cfg() if hasattr(sae, "saelens_cfg") else {}),
         "metadata": {"model_name": c.model_name, "hook_name": c.hook_name,
                      "sae_kit": {"class": type(sae).__name__, "cfg": asdict(c)}},
     }
@@ -79,7 +81,7 @@ def load_sae(path: str | Path, device=None) -> SAE:
     cls = REGISTRY[meta["class"]]
     sae = cls(SAEConfig(**meta["cfg"]), device=device)
     state = load_file(str(path / _WEIGHTS))
-    state = {n: state[n] for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    state = {n: state[n] for n in _CORE if n in state}
     if (path / "sae_kit_state.safetensors").exists():
         state.update(load_file(str(path / "sae_kit_state.safetensors")))
     sae.load_state_dict(state)
