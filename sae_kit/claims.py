@@ -83,3 +83,17 @@ class Claims:
         out = cls(data["notebook"], data["scale"])
         out.items = [Claim(**c) for c in data["claims"]]
         return out
+
+
+def bootstrap_ci(values, n_boot: int = 5000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+    """(mean, low, high): a percentile bootstrap interval for the mean of `values` (e.g. paired
+    differences, one per concept). Fewer than two values give (mean, -inf, inf): nothing is decided."""
+    import numpy as np
+
+    v = np.asarray(values, dtype=float)
+    if len(v) < 2:
+        return (float(v.mean()) if len(v) else float("nan"), float("-inf"), float("inf"))
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, len(v), size=(n_boot, len(v)))].mean(1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(v.mean()), float(lo), float(hi)

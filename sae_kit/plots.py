@@ -285,3 +285,24 @@ def coherence_histogram(max_cos: dict, reference: float | None = None, save: str
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return save_figure(fig, save)
+
+
+def steering_curves(rows: list[dict], save: str | None = None):
+    """Concept, fluency and harmonic-mean scores against the KL target, one line per method
+    (rows from `steering.matched_kl_comparison`; mean over concepts, bars = standard error)."""
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4), sharex=True)
+    for ax, key in zip(axes, ["concept_score", "fluency", "harmonic"]):
+        for i, (m, g) in enumerate(df.groupby("method", sort=False)):
+            s = g.groupby("target_kl")[key].agg(["mean", "sem"]).fillna(0)
+            ax.errorbar(s.index, s["mean"], yerr=s["sem"], marker="o", ms=4, capsize=3, color=f"C{i}", label=m)
+        ax.set_xscale("log")
+        ax.set_xlabel("KL(clean ‖ steered) target")
+        ax.set_title({"concept_score": "concept", "harmonic": "harmonic mean"}.get(key, key), fontsize=10)
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, save)

@@ -1,0 +1,125 @@
+"""Semi-NMF: recovery of a planted factorisation, its constraints and errors; the concept data; label
+purity; difference-in-means; matched-KL steering on the real model."""
+
+import math
+
+import pytest
+import torch
+
+from sae_kit import snmf, steering
+from sae_kit.claims import bootstrap_ci
+from sae_kit.synthetic import match
+
+
+def planted(d=60, n=800, K=4, keep=6, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    F = torch.zeros(d, K)
+    for j in range(K):
+        rows = torch.randperm(d, generator=gen)[:keep]
+        F[rows, j] = torch.randn(keep, generator=gen) * 2
+    G = torch.rand(n, K, generator=gen) * (torch.rand(n, K, generator=gen) < 0.4)
+    return F, G, F @ G.t()
+
+
+def test_recovers_a_planted_sparse_factorisation():
+    F, G, A = planted()
+    # hard-thresholding F has local minima (seed 0 stops at 8% error here): keep the best of 3 starts
+    fits = [snmf.fit_snmf(A, 4, sparsity=6 / 60, max_iter=3000, patience=300, progress=False, seed=s) for s in range(3)]
+    res = min(fits, key=lambda r: r.rel_error)
+    assert res.rel_error < 1e-3
+    m = match(res.F.t(), F.t())
+    assert m["mean"] > 0.99
+
+
+def test_constraints_and_determinism():
+    _, _, A = planted(seed=1)
+    A = A + 0.05 * torch.randn(A.shape, generator=torch.Generator().manual_seed(9))
+    a = snmf.fit_snmf(A, 5, sparsity=0.1, max_iter=200, progress=False, seed=3)
+    b = snmf.fit_snmf(A, 5, sparsity=0.1, max_iter=200, progress=False, seed=3)
+    assert (a.G >= 0).all()
+    assert ((a.F != 0).sum(0) <= math.ceil(0.1 * 60)).all()
+    assert torch.equal(a.F, b.F) and torch.equal(a.G, b.G)
+    assert a.rel_error == min(a.losses)
+    err = (A - a.F @ a.G.t()).pow(2).sum() / A.pow(2).sum()
+    assert float(err) == pytest.approx(a.rel_error, rel=1e-3, abs=1e-5)
+
+
+@pytest.mark.parametrize("kw, msg", [({"rank": 0}, "rank"), ({"rank": 3, "sparsity": 0.0}, "sparsity"),
+                                     ({"rank": 3, "sparsity": 1.5}, "sparsity")])
+def test_bad_arguments_are_clear_errors(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        snmf.fit_snmf(torch.rand(10, 20), progress=False, **kw)
+
+
+def test_nan_and_wrong_shape_are_clear_errors():
+    A = torch.rand(10, 20)
+    A[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        snmf.fit_snmf(A, 2, progress=False)
+    with pytest.raises(ValueError, match="matrix"):
+        snmf.fit_snmf(torch.rand(3, 4, 5), 2, progress=False)
+
+
+def test_purity_and_concept_shares_by_hand():
+    labels = torch.tensor([0, 0, 1, 1, -1, 2])
+    codes = torch.tensor([[5., 0, 0], [4, 0, 0], [0, 3, 0], [0, 2, 0], [1, 2.5, 0], [0, 0, 0]])
+    p = snmf.purity(codes, labels, n=2)
+    assert p["label"].tolist() == [0, 1, -1]
+    assert p["purity"].tolist() == [1.0, 0.5, 0.0]  # feature 1: tokens 2 (label 1) and 4 (neutral)
+    j, share = snmf.best_for_concept(codes, labels, 1, n=2)
+    assert (j, share) == (1, 0.5)
+
+
+def test_diff_means_by_hand():
+    acts = torch.tensor([[1., 0], [3, 0], [0, 2], [0, 4]])
+    v = snmf.diff_means(acts, torch.tensor([0, 0, 1, -1]), 2)
+    assert torch.allclose(v[0], torch.tensor([2., -3]) / 13 ** 0.5)  # (2, 0) − (0, 3)
+    with pytest.raises(ValueError, match="no tokens"):
+        snmf.diff_means(acts, torch.tensor([0, 0, 0, -1]), 2)
+
+
+def test_concept_set_is_complete(tmp_path):
+    cs = snmf.ConceptSet.load()
+    assert len(cs.names) == 20
+    for i, name in enumerate(cs.names):
+        assert sum(1 for lab in cs.labels if lab == i) == 10
+        assert len(cs.words[name]) >= 5
+    assert cs.labels.count(-1) >= 20
+    assert len(set(cs.sentences)) == len(cs.sentences)
+    with pytest.raises(FileNotFoundError, match="concept file"):
+        snmf.ConceptSet.load(tmp_path / "missing.json")
+
+
+def test_concept_activations_on_the_real_model(model):
+    cs = snmf.ConceptSet(["a", "b"], {"a": [], "b": []}, ["The cat sat on the mat.", "Rain fell all day."], [0, 1])
+    acts = snmf.concept_activations(model, cs, 6)
+    n = sum(model.to_tokens(s, prepend_bos=False).shape[1] - 1 for s in cs.sentences)
+    assert acts.acts.shape == (n, model.cfg.d_mlp)
+    assert acts.labels.tolist().count(0) == model.to_tokens(cs.sentences[0], prepend_bos=False).shape[1] - 1
+    both = snmf.concept_activations(model, cs, [2, 6])
+    assert torch.allclose(both[6].acts, acts.acts, atol=1e-5)
+    with pytest.raises(ValueError, match="layer"):
+        snmf.concept_activations(model, cs, 99)
+
+
+def test_steering_hits_the_kl_target_and_scores_are_bounded(model):
+    st = steering.Steerer(model, "blocks.6.mlp.hook_post", n_samples=2, new_tokens=6)
+    gen = torch.Generator().manual_seed(0)
+    v = torch.randn(model.cfg.d_mlp, generator=gen)
+    v = v / v.norm()
+    assert st.kl(v, 0.0) == pytest.approx(0.0, abs=1e-6)
+    alpha, kl = st.alpha_for_kl(v, 0.1)
+    assert kl == pytest.approx(0.1, rel=0.011)
+    ids = steering.concept_token_ids(model.tokenizer, ["rain", "storm"])
+    assert len(ids) >= 2
+    s = st.score(v, alpha, ids)
+    assert 0 <= s["concept_score"] < 1 and 0 < s["fluency"] <= 1
+    assert 0 <= s["harmonic"] <= min(1.0, 2 * min(s["concept_score"], s["fluency"]) + 1e-9)
+
+
+def test_bootstrap_ci():
+    m, lo, hi = bootstrap_ci([1.0, 1.0, 1.0])
+    assert (m, lo, hi) == (1.0, 1.0, 1.0)
+    m, lo, hi = bootstrap_ci([-1.0, 0.0, 1.0, 2.0])
+    assert lo < m < hi and m == pytest.approx(0.5)
+    assert bootstrap_ci([0.3])[1] == float("-inf")
