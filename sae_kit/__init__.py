@@ -11,8 +11,8 @@ from .corpus import load_texts, stdlib_docs, token_windows
 from .explorer import context_table, top_contexts
 from .metrics import Splicer, evaluate, reconstruction_metrics, splice_metrics
 from .models import DEFAULT_MODEL, ModelNotInstalledError, load_model
-from .saes import (SAE, FeatureChoiceSAE, GradientSAE, MutualChoiceSAE, SAEConfig, TopKSAE, choice_sae,
-                   gradient_sae, load_sae, topk_sae)
+from .saes import (SAE, FeatureChoiceSAE, GradientSAE, MatchingPursuitSAE, MutualChoiceSAE, ReluSAE, SAEConfig,
+                   TopKSAE, choice_sae, gradient_sae, load_sae, mp_sae, relu_sae, topk_sae)
 from .train import History, train, train_cached
 
 __version__ = "0.1.0"

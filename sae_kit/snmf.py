@@ -114,6 +114,44 @@ def fit_snmf(A: torch.Tensor, rank: int, sparsity: float = 0.01, max_iter: int =
     return SNMFResult(best_F.cpu(), best_G.cpu(), losses, best_it)
 
 
+def fit_hierarchical(A: torch.Tensor, ranks: tuple[int, int], sparsity: float = 0.01, parent_sparsity: float = 0.1,
+                     **kw) -> tuple[SNMFResult, SNMFResult]:
+    """Two-level SNMF (the authors' greedy layer-wise scheme, without their joint fine-tuning):
+    ``A ≈ F1 G1ᵀ``, then the codes themselves ``G1ᵀ ≈ F2 G2ᵀ``, so ``A ≈ (F1 F2) G2ᵀ``.
+
+    The ``ranks[1]`` parents are, in neuron space, the columns of ``F1 F2``; parent p's children are
+    the level-1 features with the largest positive weights in ``F2[:, p]`` (a fraction
+    `parent_sparsity` of them is kept per parent). Returns (level 1, level 2)."""
+    if ranks[1] >= ranks[0]:
+        raise ValueError(f"a hierarchy needs fewer parents than children; got ranks {ranks}")
+    level1 = fit_snmf(A, ranks[0], sparsity=sparsity, **kw)
+    level2 = fit_snmf(level1.G.t(), ranks[1], sparsity=parent_sparsity, **kw)
+    return level1, level2
+
+
+def neuron_overlap(level1: SNMFResult, level2: SNMFResult, sparsity: float = 0.01) -> list[dict]:
+    """For each parent: its children (level-1 features with positive weight in F2), and the Jaccard
+    overlap of neuron supports (top ``ceil(sparsity·d)`` |entries|) of each child with the parent,
+    against the same overlap for the level-1 features that are not its children."""
+    d = level1.F.shape[0]
+    keep = max(1, math.ceil(sparsity * d))
+
+    def support(v):
+        return set(v.abs().topk(keep).indices.tolist())
+
+    child_sets = [support(level1.F[:, i]) for i in range(level1.rank)]
+    rows = []
+    for p in range(level2.rank):
+        parent = support(level1.F @ level2.F[:, p])
+        children = [i for i in range(level1.rank) if level2.F[i, p] > 0]
+        jac = [len(parent & c) / len(parent | c) for c in child_sets]
+        others = [jac[i] for i in range(level1.rank) if i not in children]
+        rows.append({"parent": p, "children": children,
+                     "jaccard_children": float(sum(jac[i] for i in children) / max(1, len(children))),
+                     "jaccard_others": float(sum(others) / max(1, len(others)))})
+    return rows
+
+
 # ---- the concept dataset ------------------------------------------------------------------------
 @dataclass
 class ConceptSet:

@@ -123,3 +123,16 @@ def test_bootstrap_ci():
     m, lo, hi = bootstrap_ci([-1.0, 0.0, 1.0, 2.0])
     assert lo < m < hi and m == pytest.approx(0.5)
     assert bootstrap_ci([0.3])[1] == float("-inf")
+
+
+def test_two_level_snmf_and_neuron_overlap():
+    _, _, A = planted(d=60, n=600, K=6, keep=6, seed=2)
+    l1, l2 = snmf.fit_hierarchical(A, (6, 2), sparsity=0.1, parent_sparsity=0.5, max_iter=300, progress=False)
+    assert l1.F.shape == (60, 6) and l2.F.shape == (6, 2) and (l2.G >= 0).all()
+    rows = snmf.neuron_overlap(l1, l2, sparsity=0.1)
+    assert len(rows) == 2
+    for r in rows:
+        assert all(l2.F[i, r["parent"]] > 0 for i in r["children"])
+        assert 0 <= r["jaccard_others"] <= 1 and 0 <= r["jaccard_children"] <= 1
+    with pytest.raises(ValueError, match="fewer parents"):
+        snmf.fit_hierarchical(A, (4, 4), progress=False)
