@@ -38,7 +38,7 @@ lab: setup
 	$(VENV)/bin/jupyter lab notebooks/
 
 bench: setup
-	$(PY) benchmarks/bench_topk_step.py
+	$(PY) benchmarks/bench_train_step.py
 
 clean:
 	rm -rf results .pytest_cache

@@ -129,26 +129,31 @@ def fit_hierarchical(A: torch.Tensor, ranks: tuple[int, int], sparsity: float = 
     return level1, level2
 
 
-def neuron_overlap(level1: SNMFResult, level2: SNMFResult, sparsity: float = 0.01) -> list[dict]:
-    """For each parent: its children (level-1 features with positive weight in F2), and the Jaccard
-    overlap of neuron supports (top ``ceil(sparsity·d)`` |entries|) of each child with the parent,
-    against the same overlap for the level-1 features that are not its children."""
+def sibling_overlap(level1: SNMFResult, level2: SNMFResult, sparsity: float = 0.01) -> list[dict]:
+    """Do features grouped under one parent share neurons?
+
+    The grouping comes from the codes alone (level 2 factorises ``G1``, never looking at ``F1``), so
+    comparing neuron supports (top ``ceil(sparsity·d)`` |entries| of each ``F1`` column) is a fair
+    test: for each parent with at least two children, the mean Jaccard overlap between pairs of its
+    children, against the mean overlap between one of its children and a feature outside the group.
+    (A child's overlap with the parent itself would be circular: the parent is built from them.)"""
     d = level1.F.shape[0]
     keep = max(1, math.ceil(sparsity * d))
+    sets = [set(level1.F[:, i].abs().topk(keep).indices.tolist()) for i in range(level1.rank)]
 
-    def support(v):
-        return set(v.abs().topk(keep).indices.tolist())
+    def jac(a, b):
+        return len(sets[a] & sets[b]) / max(1, len(sets[a] | sets[b]))
 
-    child_sets = [support(level1.F[:, i]) for i in range(level1.rank)]
     rows = []
     for p in range(level2.rank):
-        parent = support(level1.F @ level2.F[:, p])
         children = [i for i in range(level1.rank) if level2.F[i, p] > 0]
-        jac = [len(parent & c) / len(parent | c) for c in child_sets]
-        others = [jac[i] for i in range(level1.rank) if i not in children]
-        rows.append({"parent": p, "children": children,
-                     "jaccard_children": float(sum(jac[i] for i in children) / max(1, len(children))),
-                     "jaccard_others": float(sum(others) / max(1, len(others)))})
+        outside = [i for i in range(level1.rank) if i not in children]
+        if len(children) < 2 or not outside:
+            continue
+        sib = [jac(a, b) for ai, a in enumerate(children) for b in children[ai + 1:]]
+        other = [jac(a, b) for a in children for b in outside]
+        rows.append({"parent": p, "children": children, "jaccard_siblings": sum(sib) / len(sib),
+                     "jaccard_others": sum(other) / len(other)})
     return rows
 
 

@@ -175,3 +175,11 @@ def test_relu_l1_penalty_controls_sparsity():
         sae_kit.train(sae, x, batch_size=256, lr=1e-2, progress=False)
         l0.append(sae_kit.reconstruction_metrics(sae, x[:4096])["l0"])
     assert l0[1] < 0.6 * l0[0]
+
+
+def test_mp_may_run_more_steps_than_atoms_but_topk_may_not():
+    sae = mp_sae(4, 3, k=6)
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
+    assert sae.pursue(x).cols.numel() == 5 * 6
+    with pytest.raises(ValueError, match="k must satisfy"):
+        topk_sae(4, 3, k=3)

@@ -125,14 +125,28 @@ def test_bootstrap_ci():
     assert bootstrap_ci([0.3])[1] == float("-inf")
 
 
-def test_two_level_snmf_and_neuron_overlap():
+def test_two_level_snmf_and_sibling_overlap():
     _, _, A = planted(d=60, n=600, K=6, keep=6, seed=2)
     l1, l2 = snmf.fit_hierarchical(A, (6, 2), sparsity=0.1, parent_sparsity=0.5, max_iter=300, progress=False)
     assert l1.F.shape == (60, 6) and l2.F.shape == (6, 2) and (l2.G >= 0).all()
-    rows = snmf.neuron_overlap(l1, l2, sparsity=0.1)
-    assert len(rows) == 2
+    rows = snmf.sibling_overlap(l1, l2, sparsity=0.1)
     for r in rows:
+        assert len(r["children"]) >= 2
         assert all(l2.F[i, r["parent"]] > 0 for i in r["children"])
-        assert 0 <= r["jaccard_others"] <= 1 and 0 <= r["jaccard_children"] <= 1
+        assert 0 <= r["jaccard_others"] <= 1 and 0 <= r["jaccard_siblings"] <= 1
     with pytest.raises(ValueError, match="fewer parents"):
         snmf.fit_hierarchical(A, (4, 4), progress=False)
+
+
+def test_sibling_overlap_by_hand():
+    F1 = torch.zeros(10, 4)
+    F1[[0, 1], 0] = 1  # features 0 and 1 share neuron 0
+    F1[[0, 2], 1] = 1
+    F1[[5, 6], 2] = 1
+    F1[[7, 8], 3] = 1
+    l1 = snmf.SNMFResult(F1, torch.rand(5, 4), [0.0])
+    F2 = torch.tensor([[1.0, 0], [1, 0], [0, 1], [0, 0]])  # parent 0: {0, 1}; parent 1: {2} (skipped)
+    rows = snmf.sibling_overlap(l1, snmf.SNMFResult(F2, torch.rand(5, 2), [0.0]), sparsity=0.2)
+    assert [r["parent"] for r in rows] == [0]
+    assert rows[0]["jaccard_siblings"] == pytest.approx(1 / 3)  # {0,1} vs {0,2}
+    assert rows[0]["jaccard_others"] == pytest.approx(0.0)

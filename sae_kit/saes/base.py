@@ -8,7 +8,7 @@ Every dictionary is an `SAE` with ``encode(x) -> z``, ``decode(z) -> x_hat``, ``
 A subclass says only *which* latents to keep (`select`); training then runs on the sparse code
 (rows, cols, vals): the decoder is an ``embedding_bag`` over the kept atoms (forward and backward),
 and the encoder's backward (`_GatherPre`) gathers only the kept encoder columns for ∂x.
-`benchmarks/bench_topk_step.py` measures the step against plain dense autograd.
+`benchmarks/bench_train_step.py` measures the step against plain dense autograd.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ class SAEConfig:
     def __post_init__(self):
         if self.d_in <= 0 or self.d_sae <= 0:
             raise ValueError(f"d_in and d_sae must be positive, got d_in={self.d_in}, d_sae={self.d_sae}")
-        if not 0 < self.k < self.d_sae:
+        # matching pursuit may run more steps than it has atoms (an atom can be picked again)
+        if self.k <= 0 or (self.k >= self.d_sae and self.architecture != "matching_pursuit"):
             raise ValueError(f"k must satisfy 0 < k < d_sae; got k={self.k}, d_sae={self.d_sae}. "
                              f"Pick a smaller k or a wider dictionary")
         if self.k_aux is None:
