@@ -111,6 +111,8 @@ def fit_snmf(A: torch.Tensor, rank: int, sparsity: float = 0.01, max_iter: int =
         if it % 20 == 0:
             bar.set_postfix(rel_err=f"{loss:.4f}", best=f"{best:.4f}")
     bar.close()
+    if best_F is None:
+        raise FloatingPointError("SNMF produced no finite loss; check A for extreme values or lower the rank")
     return SNMFResult(best_F.cpu(), best_G.cpu(), losses, best_it)
 
 
@@ -205,7 +207,7 @@ class ConceptActivations:
 
 
 @torch.no_grad()
-def concept_activations(model, concepts: ConceptSet, layer, site: str = "mlp.hook_post"):
+def concept_activations(model, concepts: ConceptSet, layer, site: str = "mlp.hook_post", progress: bool = True):
     """Run every sentence through the model and collect ``blocks.{layer}.{site}`` at each token but
     the first (the attention sink, as in the kit's stores).
 
@@ -217,7 +219,8 @@ def concept_activations(model, concepts: ConceptSet, layer, site: str = "mlp.hoo
     hooks = {L: f"blocks.{L}.{site}" for L in layers}
     acts = {L: [] for L in layers}
     labels, sent, pos, toks = [], [], [], []
-    for i, (s, lab) in enumerate(zip(concepts.sentences, concepts.labels)):
+    pairs = list(zip(concepts.sentences, concepts.labels))
+    for i, (s, lab) in enumerate(tqdm(pairs, desc=f"activations {site}", disable=bars_off(progress))):
         t = model.to_tokens(s, prepend_bos=False)
         _, cache = model.run_with_cache(t, names_filter=list(hooks.values()), stop_at_layer=max(layers) + 1)
         for L, h in hooks.items():

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import SAE, SAEConfig, SparseCode, _check_input, fvu
+from .base import SAE, SAEConfig, SparseCode, _check_input, fvu, sparse_decode
 
 
 class MatchingPursuitSAE(SAE):
@@ -142,8 +142,6 @@ class MatchingPursuitSAE(SAE):
         return self._decode_code(self.pursue(x, steps, threshold))
 
     def _decode_code(self, code: SparseCode) -> torch.Tensor:
-        from .base import sparse_decode
-
         return sparse_decode(code, self.W_dec) + self.b_dec
 
     def loss(self, x: torch.Tensor, g: torch.Tensor | None = None) -> dict:
