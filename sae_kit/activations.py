@@ -5,7 +5,10 @@ A store is a folder: ``meta.json`` (what it holds and where from), ``acts.npy`` 
 ``grads.npy`` [N, d_in] = ∂(summed next-token cross-entropy)/∂activation for g-SAE. The ``.npy``
 files are memory-mapped, so stores larger than RAM work. Harvesting writes into ``<name>.partial``
 and records its progress; an interrupted harvest resumes there, and only a finished store is
-renamed to its final name, so no reader ever sees a half-written store.
+renamed to its final name, so no reader ever sees a half-written store. A lock beside the store
+makes a second process harvesting the same store wait for the first and then reuse its result.
+A folder that is not a store is never written into or deleted; a damaged store (truncated file,
+unreadable ``meta.json``) is detected on opening, named, and re-harvested with ``repair=True``.
 
 Which positions are stored: position 0 of every window is left out (the first position of a
 Llama-family model is an attention sink whose residual norm is ~50x the others, and would dominate
@@ -16,7 +19,6 @@ gradient and no CE). A window of 64 tokens thus gives 62 stored tokens.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import time
@@ -30,7 +32,9 @@ from tqdm.auto import tqdm
 
 from .config import bars_off, cache_dir, get_device
 from .corpus import fingerprint, load_texts, token_windows
+from .fsutil import atomic_write_text, claim_dir, locked
 from .models import model_id
+from .validate import integer
 
 SKIP_FIRST = 1  # leave out position 0 (attention sink)
 SKIP_LAST = 1  # leave out the last position (no next-token target)
@@ -74,6 +78,15 @@ class StoreMismatchError(ValueError):
     """A store was opened for a model / hook / width it was not built for."""
 
 
+class StoreCorruptError(ValueError):
+    """A store's files are unreadable or do not match its ``meta.json`` (e.g. a truncated ``.npy``)."""
+
+
+STORE_FILES = {"meta.json", "acts.npy", "tokens.npy", "grads.npy"}  # what a finished store holds
+PARTIAL_FILES = STORE_FILES | {"progress.json", "progress.json.tmp", "meta.json.tmp"}  # an unfinished one
+_REPAIR = "; re-harvest it with harvest(..., repair=True), which replaces the damaged store"
+
+
 def validate_hook(model, hook: str) -> int:
     """Check `hook` exists on `model`; return its layer index. Raise a helpful error otherwise."""
     n = model.cfg.n_layers
@@ -92,11 +105,17 @@ def hook_width(model, hook: str) -> int:
     """Width of the flattened activation at `hook` (e.g. d_model for resid, d_mlp for mlp.hook_post)."""
     layer = validate_hook(model, hook)
     out = {}
-    toks = torch.zeros(1, 2, dtype=torch.long, device=model.cfg.device)
+    toks = torch.zeros(1, 3, dtype=torch.long, device=model.cfg.device)  # 3: unlike any head count
     with torch.no_grad():
         model.run_with_hooks(toks, stop_at_layer=layer + 1,
                              fwd_hooks=[(hook, lambda a, hook: out.setdefault("a", a))])
-    return int(np.prod(out["a"].shape[2:]))
+    shape = tuple(out["a"].shape)
+    if len(shape) < 2 or shape[1] != 3 or shape[0] != 1:
+        raise ValueError(f"hook {hook!r} does not hold one vector per token (for 3 tokens it gives shape "
+                         f"{shape}, e.g. attention patterns are [batch, head, query, key]); an SAE needs a "
+                         f"per-token hook such as 'blocks.{layer}.hook_resid_post', 'blocks.{layer}.mlp.hook_post' "
+                         f"or 'blocks.{layer}.attn.hook_z'")
+    return int(np.prod(shape[2:]))
 
 
 class ActivationStore:
@@ -109,18 +128,35 @@ class ActivationStore:
             hint = " (an unfinished harvest: run harvest() again to resume it)" \
                 if self.path.with_name(self.path.name + ".partial").exists() else ""
             raise FileNotFoundError(f"no activation store at {self.path}{hint}")
-        meta = json.loads(meta_file.read_text())
-        self.spec = StoreSpec(**meta["spec"])
-        self.eval_windows = int(meta.get("eval_windows", 0))
+        try:
+            meta = json.loads(meta_file.read_text())
+            self.spec = StoreSpec(**meta["spec"])
+            self.eval_windows = int(meta.get("eval_windows", 0))
+        except (ValueError, TypeError, KeyError, UnicodeDecodeError) as e:
+            raise StoreCorruptError(f"{meta_file} is damaged ({type(e).__name__}: {e}){_REPAIR}") from None
         for field, want in (expect or {}).items():
             have = getattr(self.spec, field)
             if have != want:
                 raise StoreMismatchError(
                     f"store {self.path.name} was built for {field}={have!r}, not {want!r}; harvest a "
                     f"store for this {field} (sae_kit.harvest) or open the matching one")
-        self.acts = np.load(self.path / "acts.npy", mmap_mode="r")
-        self.tokens = torch.from_numpy(np.load(self.path / "tokens.npy"))
-        self.grads = np.load(self.path / "grads.npy", mmap_mode="r") if self.spec.with_grads else None
+        s = self.spec
+        self.acts = self._open("acts.npy", (s.n_tokens, s.d_in), s.dtype)
+        self.tokens = torch.from_numpy(np.array(self._open("tokens.npy", (s.n_windows, s.ctx_len), "int32")))
+        self.grads = self._open("grads.npy", (s.n_tokens, s.d_in), s.dtype) if s.with_grads else None
+
+    def _open(self, name: str, shape: tuple, dtype: str) -> np.ndarray:
+        """Memory-map one of the store's arrays, checking its size and type against the spec."""
+        f = self.path / name
+        try:
+            a = np.load(f, mmap_mode="r")
+        except FileNotFoundError:
+            raise StoreCorruptError(f"{f} is missing from the store{_REPAIR}") from None
+        except (ValueError, OSError, EOFError) as e:  # a truncated file cannot be mapped
+            raise StoreCorruptError(f"{f} cannot be read ({e}): the file is truncated or damaged{_REPAIR}") from None
+        if a.shape != shape or a.dtype != np.dtype(dtype):
+            raise StoreCorruptError(f"{f} holds {a.dtype} {a.shape}, but meta.json says {dtype} {shape}{_REPAIR}")
+        return a
 
     def __len__(self) -> int:
         return self.spec.n_tokens
@@ -151,10 +187,11 @@ class ActivationStore:
         """The first `n` tokens of a split as fp32 tensors: x [n, d_in] (and g when `grads`)."""
         r = self.token_range(split)
         stop = r.stop if n is None else min(r.stop, r.start + n)
-        x = _to_tensor(self.acts[r.start:stop], device)
+        what = f"tokens {r.start}-{stop - 1} of store {self.path}"
+        x = _to_tensor(self.acts[r.start:stop], device, what)
         if not grads:
             return x
-        return x, _to_tensor(self._need_grads()[r.start:stop], device)
+        return x, _to_tensor(self._need_grads()[r.start:stop], device, "gradients of " + what)
 
     def _need_grads(self):
         if self.grads is None:
@@ -168,6 +205,11 @@ class ActivationStore:
         Each epoch visits chunks in a random order and shuffles tokens inside each chunk; the
         windows were already shuffled at harvest time, so this mixes well. Drops a final partial batch.
         """
+        batch_size = integer("batch_size", batch_size, min=1)
+        epochs = integer("epochs", epochs, min=1)
+        chunk_tokens = integer("chunk_tokens", chunk_tokens, min=1)
+        if grads:
+            self._need_grads()
         r = self.token_range(split)
         if len(r) < batch_size:
             raise ValueError(f"split {split!r} has {len(r)} tokens, fewer than one batch of {batch_size}")
@@ -178,8 +220,9 @@ class ActivationStore:
             for s in rng.permutation(starts):
                 e = min(s + chunk_tokens, r.stop)
                 perm = rng.permutation(e - s)
-                x = _to_tensor(self.acts[s:e][perm], device)
-                g = _to_tensor(self._need_grads()[s:e][perm], device) if grads else None
+                what = f"tokens {s}-{e - 1} of store {self.path}"
+                x = _to_tensor(self.acts[s:e][perm], device, what)
+                g = _to_tensor(self._need_grads()[s:e][perm], device, "gradients of " + what) if grads else None
                 if leftover_x is not None:
                     x = torch.cat([leftover_x, x])
                     g = torch.cat([leftover_g, g]) if grads else None
@@ -193,71 +236,127 @@ class ActivationStore:
         return len(self.token_range(split)) // batch_size * epochs
 
 
-def _to_tensor(a: np.ndarray, device) -> torch.Tensor:
+def _to_tensor(a: np.ndarray, device, what: str = "store data") -> torch.Tensor:
     t = torch.from_numpy(np.array(a, dtype=np.float32))  # a copy: memmaps are read-only
+    if not torch.isfinite(t).all():
+        raise StoreCorruptError(f"NaN/Inf in {what}: the store's data is damaged{_REPAIR}")
     return t.to(device) if device is not None else t
 
 
 def _atomic_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=1))
 
 
 def harvest(model, hook: str, n_tokens: int, ctx_len: int = 64, corpus=None, seed: int = 0,
             eval_tokens: int = 0, dtype: str = "float16", with_grads: bool = False,
             batch_windows: int = 32, path: str | Path | None = None, progress: bool = True,
+            repair: bool = False, allow_network: bool | None = None, lock_timeout: float | None = None,
             _stop_after: int | None = None) -> ActivationStore:
     """Run `model` over real text and store the activations at `hook` (reusing a finished store).
 
     Args:
         model: a HookedTransformer (e.g. from `load_model`).
-        hook: a TransformerLens hook name, e.g. ``"blocks.8.hook_resid_post"``.
+        hook: a TransformerLens hook name with one vector per token, e.g. ``"blocks.8.hook_resid_post"``.
         n_tokens: stored tokens wanted, train and eval together (rounded up to whole windows).
-        ctx_len: tokens per window.
+        ctx_len: tokens per window (at most the model's context length).
         corpus: a `load_texts` source (None = the standard library's documentation).
         seed: window shuffle seed.
         eval_tokens: tokens held out as the eval split (whole windows at the end of the store).
         dtype: ``"float16"`` (half the disk) or ``"float32"``.
         with_grads: also store ∂(summed next-token CE)/∂activation (one backward pass per batch).
         batch_windows: windows per model forward.
-        path: store folder; default under the kit's cache dir, named from the spec.
+        path: store folder; default under the kit's cache dir, named from the spec. It must be new,
+            empty, or an earlier store: a folder holding anything else is refused, never overwritten.
         progress: show a tqdm bar with tokens/s.
+        repair: replace a damaged store at `path` (truncated file, unreadable meta.json) by harvesting it
+            again; without it, a damaged store raises `StoreCorruptError`.
+        allow_network: let a corpus name that is not a file or folder be read as a Hugging Face dataset
+            (see `load_texts`).
+        lock_timeout: seconds to wait when another process is harvesting the same store (None: until
+            it finishes; then its store is reused).
 
     Returns:
         The finished `ActivationStore`.
     """
+    # every argument is checked before anything is created on disk
     if dtype not in ("float16", "float32"):
         raise ValueError(f"dtype must be 'float16' or 'float32', got {dtype!r}")
-    if n_tokens <= 0:
-        raise ValueError(f"n_tokens must be positive, got {n_tokens}")
+    n_tokens = integer("n_tokens", n_tokens, min=1)
+    eval_tokens = integer("eval_tokens", eval_tokens, min=0, hint=" (tokens held out for evaluation; 0 for none)")
+    seed = integer("seed", seed)
+    batch_windows = integer("batch_windows", batch_windows, min=1, hint=" (windows per model forward)")
+    n_ctx = int(getattr(model.cfg, "n_ctx", 0) or 0) or None
+    ctx_len = integer("ctx_len", ctx_len, min=SKIP_FIRST + SKIP_LAST + 1, max=n_ctx,
+                      hint=f" (tokens per window; this model's context is {n_ctx} tokens)" if n_ctx else "")
     layer = validate_hook(model, hook)
     per_window = ctx_len - SKIP_FIRST - SKIP_LAST
-    if per_window < 1:
-        raise ValueError(f"ctx_len must be at least {SKIP_FIRST + SKIP_LAST + 1}, got {ctx_len}")
     n_windows = -(-n_tokens // per_window)
     eval_windows = -(-eval_tokens // per_window) if eval_tokens else 0
     if eval_windows >= n_windows:
         raise ValueError(f"eval_tokens ({eval_tokens}) leaves no training tokens out of {n_tokens}")
-    docs = load_texts(corpus)
-    spec = StoreSpec(model=model_id(model), hook=hook, d_in=hook_width(model, hook), n_windows=n_windows,
+    d_in = hook_width(model, hook)
+    if path is not None:
+        _claim_store_path(Path(path))
+    docs = load_texts(corpus, allow_network=allow_network)
+    spec = StoreSpec(model=model_id(model), hook=hook, d_in=d_in, n_windows=n_windows,
                      ctx_len=ctx_len, corpus=fingerprint(docs), seed=seed, dtype=dtype, with_grads=with_grads)
-    final = Path(path) if path else cache_dir() / "stores" / spec.key()
-    if (final / "meta.json").exists():
-        store = ActivationStore(final)
-        if store.spec != spec:
-            raise StoreMismatchError(f"{final} holds a different store ({store.spec}); pick another path")
-        return store
+    windows = token_windows(model.tokenizer, docs, ctx_len, n_windows, seed=seed)  # the corpus is big enough
+    final = Path(path) if path is not None else cache_dir() / "stores" / spec.key()
     part = final.with_name(final.name + ".partial")
+    _claim_store_path(final)
+    with locked(final, "the activation store", timeout=lock_timeout):
+        return _harvest_locked(model, spec, final, part, layer, windows, eval_windows, batch_windows, repair,
+                               progress, _stop_after)
+
+
+def _claim_store_path(final: Path) -> None:
+    """Refuse a store path whose folder (or its ``.partial``) holds anything but the kit's store files."""
+    hint = " (or leave path=None to use the kit's cache)"
+    claim_dir(final, "an activation store", markers={"meta.json"}, allowed=STORE_FILES, hint=hint)
+    claim_dir(final.with_name(final.name + ".partial"), "an unfinished activation store", markers=set(),
+              allowed=PARTIAL_FILES, hint=hint)
+
+
+def _finished_store(final: Path, spec: StoreSpec, repair: bool) -> ActivationStore | None:
+    """The finished store at `final` if it holds `spec`; None when there is none (or it was damaged and
+    `repair` asks to replace it)."""
+    if not (final / "meta.json").exists():
+        return None
+    try:
+        store = ActivationStore(final)
+    except StoreCorruptError:
+        if not repair:
+            raise
+        shutil.rmtree(final)  # only the kit's own files: `claim_dir` checked the folder's content
+        return None
+    if store.spec != spec:
+        raise StoreMismatchError(f"{final} holds a different store ({store.spec}); pick another path")
+    return store
+
+
+def _harvest_locked(model, spec: StoreSpec, final: Path, part: Path, layer: int, windows, eval_windows: int,
+                    batch_windows: int, repair: bool, progress: bool, _stop_after) -> ActivationStore:
+    store = _finished_store(final, spec, repair)
+    if store is not None:
+        return store
+    hook, ctx_len, n_windows, per_window, dtype = spec.hook, spec.ctx_len, spec.n_windows, spec.per_window, spec.dtype
+    with_grads = spec.with_grads
     done = 0
     if (part / "progress.json").exists():
-        prog = json.loads((part / "progress.json").read_text())
-        if prog["spec"] == asdict(spec):
-            done = int(prog["windows_done"])
-        else:
-            shutil.rmtree(part)
+        try:
+            prog = json.loads((part / "progress.json").read_text())
+            same = prog["spec"] == asdict(spec)
+            done = int(prog["windows_done"]) if same else 0
+            if same:  # the arrays must exist at full size to resume into them
+                for name in ("acts.npy",) + (("grads.npy",) if with_grads else ()):
+                    a = np.load(part / name, mmap_mode="r")
+                    if a.shape != (spec.n_tokens, spec.d_in):
+                        raise ValueError(f"{name} has shape {a.shape}")
+        except (ValueError, KeyError, TypeError, OSError, EOFError):
+            same, done = False, 0  # a damaged partial store: start it again
+        if not same:
+            shutil.rmtree(part)  # the kit's own unfinished store (checked by `claim_dir`)
     part.mkdir(parents=True, exist_ok=True)
-    windows = token_windows(model.tokenizer, docs, ctx_len, n_windows, seed=seed)
     np.save(part / "tokens.npy", windows.numpy().astype(np.int32))
     mode = "r+" if done else "w+"
     shape = (spec.n_tokens, spec.d_in)
@@ -295,9 +394,9 @@ def harvest(model, hook: str, n_tokens: int, ctx_len: int = 64, corpus=None, see
     _atomic_json(part / "meta.json", {"spec": asdict(spec), "eval_windows": eval_windows,
                                       "seconds": round(time.time() - t0, 1)})
     (part / "progress.json").unlink()
-    if final.exists():
+    if final.exists():  # an empty folder, or a damaged store being repaired (checked above)
         shutil.rmtree(final)
-    os.replace(part, final)
+    part.rename(final)
     return ActivationStore(final)
 
 

@@ -10,7 +10,10 @@ file, a folder of ``.txt``/``.md`` files, or (online) a Hugging Face ``datasets`
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
+import os
+import re
 import sysconfig
 from pathlib import Path
 
@@ -22,6 +25,11 @@ _SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "__pycache
 
 def stdlib_docs(min_chars: int = 200) -> list[str]:
     """The standard library's documentation text, one document per help topic or module."""
+    return list(_stdlib_docs(min_chars))
+
+
+@functools.lru_cache(maxsize=2)
+def _stdlib_docs(min_chars: int) -> tuple[str, ...]:  # parsed once per process (a few seconds)
     from pydoc_data.topics import topics
 
     docs = [topics[k] for k in sorted(topics)]
@@ -41,34 +49,48 @@ def stdlib_docs(min_chars: int = 200) -> list[str]:
                     parts.append(doc)
         if parts:
             docs.append("\n\n".join(dict.fromkeys(parts)))  # ast.walk revisits the module node
-    return docs
+    return tuple(docs)
 
 
 def load_texts(source: str | Path | None = None, split: str = "train", text_field: str = "text",
-               max_docs: int | None = None) -> list[str]:
+               max_docs: int | None = None, allow_network: bool | None = None) -> list[str]:
     """Documents from a source.
 
     Args:
         source: None for the standard library's documentation; a ``.txt``/``.md`` file; a folder
-            (every ``*.txt`` and ``*.md`` below it, sorted); otherwise a Hugging Face dataset name
-            (needs the ``datasets`` package and a reachable hub).
+            (every ``*.txt`` and ``*.md`` below it, sorted); otherwise a Hugging Face dataset id
+            (``name`` or ``owner/name``; needs the ``datasets`` package, a reachable hub and
+            `allow_network`).
         split, text_field, max_docs: for dataset names only.
+        allow_network: allow reading a dataset id from the hub; None reads ``SAE_KIT_ALLOW_NETWORK=1``.
+            Off by default, so a mistyped file name says "no such file or folder" instead of
+            waiting for a network that may not be there.
 
     Returns:
         Non-empty documents, in a fixed order.
     """
+    if source is not None and not isinstance(source, (str, Path)):
+        raise TypeError(f"corpus must be None, a file or folder path, or a dataset name; got "
+                        f"{type(source).__name__}")
     if source is None or source == "stdlib":
         docs = stdlib_docs()
     elif Path(source).is_file():
-        docs = [Path(source).read_text(encoding="utf-8", errors="replace")]
+        docs = [_read_text(Path(source))]
     elif Path(source).is_dir():
         files = sorted(p for p in Path(source).rglob("*") if p.suffix in {".txt", ".md"} and p.is_file())
-        docs = [p.read_text(encoding="utf-8", errors="replace") for p in files]
+        docs = [_read_text(p) for p in files]
     else:
         text = str(source)
-        looks_like_path = Path(text).suffix != "" or text.startswith((".", "/", "~")) or text.count("/") > 1
-        if looks_like_path:  # e.g. a mistyped file name: say so rather than ask a model hub
+        # e.g. a mistyped file name: say so rather than ask a model hub
+        if not _DATASET_ID.fullmatch(text) or Path(text).suffix.lower() in _FILE_SUFFIXES:
             raise FileNotFoundError(f"corpus {text!r}: no such file or folder")
+        if allow_network is None:
+            allow_network = os.environ.get("SAE_KIT_ALLOW_NETWORK", "").lower() in ("1", "true", "yes")
+        if not allow_network:
+            raise FileNotFoundError(
+                f"corpus {text!r}: no such file or folder. If you meant the Hugging Face dataset {text!r}, "
+                f"allow network use: load_texts(..., allow_network=True) / harvest(..., allow_network=True) "
+                f"or SAE_KIT_ALLOW_NETWORK=1")
         try:
             import datasets
         except ImportError as e:
@@ -82,6 +104,23 @@ def load_texts(source: str | Path | None = None, split: str = "train", text_fiel
         raise ValueError(f"corpus {source!r} is empty: no non-blank text found; give a file or folder "
                          f"with text, or None for the standard library's documentation")
     return docs
+
+
+_DATASET_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?")
+_FILE_SUFFIXES = {".txt", ".md", ".json", ".jsonl", ".csv", ".tsv", ".parquet", ".gz", ".zip", ".html"}
+_MAX_BAD_SHARE = 0.01  # more undecodable characters than this: not a text file
+
+
+def _read_text(path: Path) -> str:
+    """A UTF-8 text file's content; a binary file (NUL bytes, many invalid UTF-8 bytes) is refused."""
+    raw = path.read_bytes()
+    text = raw.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd") + text.count("\x00")
+    if text and bad / len(text) > _MAX_BAD_SHARE:
+        raise ValueError(f"corpus file {path} does not look like UTF-8 text: {100 * bad / len(text):.0f}% of its "
+                         f"characters are NUL bytes or invalid UTF-8. Give a text file (a binary file would feed "
+                         f"the model garbage), or convert it to UTF-8 first")
+    return text
 
 
 def fingerprint(docs: list[str]) -> str:
@@ -118,7 +157,8 @@ def token_windows(tokenizer, docs: list[str], ctx_len: int, n_windows: int | Non
     flat = np.fromiter((t for doc in ids for t in (*doc, sep_token_id)), dtype=np.int64)
     n_avail = len(flat) // ctx_len
     if n_avail == 0:
-        raise ValueError(f"corpus has {len(flat)} tokens, fewer than one window of {ctx_len}")
+        raise ValueError(f"corpus has {len(flat)} tokens, fewer than one window of {ctx_len}; give a larger "
+                         f"corpus or a shorter ctx_len")
     if n_windows is not None and n_windows > n_avail:
         raise ValueError(f"asked for {n_windows} windows of {ctx_len} tokens but the corpus has only "
                          f"{n_avail} ({len(flat):,} tokens); ask for fewer tokens or give a larger corpus")

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from .config import bars_off
 from .saes.base import fvu as _fvu
+from .train import check_fits
 
 
 def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
@@ -92,6 +93,7 @@ class Splicer:
         if str(getattr(model.cfg, "model_name", "")) != spec.model:
             raise ValueError(f"store was harvested from {spec.model!r}, not {model.cfg.model_name!r}")
         self.model, self.spec, self.batch_seqs, self.progress = model, spec, batch_seqs, progress
+        self.path = store.path
         self.layer = validate_hook(model, spec.hook)
         self.windows = store.tokens[list(store.window_range("eval"))][:n_seqs].long()
         if len(self.windows) == 0:
@@ -127,14 +129,17 @@ class Splicer:
         return float(-lp.gather(-1, t[..., None]).sum())
 
     @torch.no_grad()
-    def __call__(self, sae=None, replace=None, g: torch.Tensor | None = None) -> dict:
+    def __call__(self, sae=None, replace=None, g: torch.Tensor | None = None, force: bool = False) -> dict:
         """ΔCE, CE recovered and KL(clean ‖ spliced) for `sae` (or a `replace` function
         act [B, P, d_in] -> replacement). Returns a dict of nats/token numbers.
 
         `g`: per-token gradients of the eval split (``store.get("eval", grads=True)[1]``), for
-        dictionaries whose selection uses them (g-SAE in ``inference="gradient"`` mode)."""
+        dictionaries whose selection uses them (g-SAE in ``inference="gradient"`` mode).
+        `force`: splice an SAE at another hook / model than the one it was trained on."""
         if replace is None and sae is None:
             raise ValueError("pass an sae or a replace function")
+        if sae is not None:
+            check_fits(sae, self, force, action="splice")
         P = self.sl.stop - self.sl.start
         if g is not None and len(g) < len(self.windows) * P:
             raise ValueError(f"g has {len(g)} rows; the splice needs {len(self.windows) * P} (eval split order)")
@@ -156,9 +161,11 @@ class Splicer:
 
 
 def splice_metrics(model, store, sae=None, n_seqs: int = 64, batch_seqs: int = 16,
-                   replace=None, progress: bool = True) -> dict:
+                   replace=None, progress: bool = True, force: bool = False) -> dict:
     """One-off `Splicer` call; build a `Splicer` yourself to evaluate many dictionaries."""
-    return Splicer(model, store, n_seqs, batch_seqs, progress)(sae, replace)
+    if sae is not None:
+        check_fits(sae, store, force, action="splice")
+    return Splicer(model, store, n_seqs, batch_seqs, progress)(sae, replace, force=force)
 
 
 def _reconstruct_with(sae, d_in: int, g: torch.Tensor | None):
@@ -180,15 +187,24 @@ def _splice_hook(fn, sl: slice):
 
 
 def evaluate(sae, store, model=None, n_seqs: int = 64, progress: bool = True, grads: bool = False,
-             splicer: Splicer | None = None) -> dict:
-    """Reconstruction metrics on the eval split, plus splice metrics when `model` (or a `Splicer`) is given."""
+             splicer: Splicer | None = None, force: bool = False) -> dict:
+    """Reconstruction metrics on the eval split, plus splice metrics when `model` (or a `Splicer`) is given.
+
+    Refuses an SAE trained at another hook or model than the store's (`HookMismatchError`) unless `force`."""
+    check_fits(sae, store, force, action="evaluate")
+    if store.eval_windows == 0:
+        raise ValueError(f"store {store.path.name} has no eval split; harvest it with eval_tokens > 0 "
+                         f"(evaluating on training tokens would flatter the SAE)")
+    if splicer is not None and splicer.spec != store.spec:
+        raise ValueError("the Splicer was built on another store than the one being evaluated; build it "
+                         "with the same store")
     if grads:
         x, g = store.get("eval", grads=True)
     else:
         x, g = store.get("eval"), None
     out = reconstruction_metrics(sae, x, g)
     if splicer is not None:
-        out.update(splicer(sae))
+        out.update(splicer(sae, force=force))
     elif model is not None:
-        out.update(splice_metrics(model, store, sae, n_seqs=n_seqs, progress=progress))
+        out.update(splice_metrics(model, store, sae, n_seqs=n_seqs, progress=progress, force=force))
     return out

@@ -8,14 +8,21 @@ FVU / L0 / dead %, and a returned history for plotting.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 import time
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from .activations import ActivationStore
 from .config import bars_off
+from .validate import integer, real
 
 
 def default_lr(d_sae: int) -> float:
@@ -45,10 +52,33 @@ class History:
         return self.tokens[-1] / self.seconds if self.tokens and self.seconds else float("nan")
 
 
+class HookMismatchError(ValueError):
+    """An SAE was used at another hook (or model) than the one it was trained on."""
+
+
+def check_fits(sae, store, force: bool = False, action: str = "use") -> None:
+    """Refuse an SAE on a store it cannot read: a different width always; a different hook or model
+    (stamped into ``sae.cfg`` by `train`) unless `force` — an SAE read at another hook reconstructs
+    a different signal, and its FVU / ΔCE there mean nothing."""
+    spec = store.spec
+    if sae.cfg.d_in != spec.d_in:
+        raise ValueError(f"cannot {action} an SAE with d_in={sae.cfg.d_in} on store {store.path.name}, whose "
+                         f"activations have width {spec.d_in} ({spec.hook}); build the SAE with d_in={spec.d_in}")
+    if force:
+        return
+    for field, have, want in (("hook_name", sae.cfg.hook_name, spec.hook), ("model_name", sae.cfg.model_name, spec.model)):
+        if have and have != want:
+            raise HookMismatchError(
+                f"this SAE was trained on {field.split('_')[0]} {have!r}, but the store holds {want!r}; {action} it "
+                f"on a store of {have!r}, or pass force=True if you mean to read it at another "
+                f"{field.split('_')[0]}")
+
+
 def train(sae, store, batch_size: int = 2048, epochs: int = 1, lr: float | None = None,
           warmup_frac: float = 0.05, decay_frac: float = 0.2, seed: int = 0, grads: bool = False,
           init_b_dec: bool = True, progress: bool = True, desc: str | None = None,
-          max_steps: int | None = None) -> History:
+          max_steps: int | None = None, checkpoint: str | Path | None = None, checkpoint_every: int = 200,
+          force: bool = False) -> History:
     """Train `sae` on the training split of an `ActivationStore` (or a tensor [N, d_in]).
 
     Args:
@@ -56,26 +86,45 @@ def train(sae, store, batch_size: int = 2048, epochs: int = 1, lr: float | None 
         store: an `ActivationStore`, or a float tensor of activations.
         batch_size: tokens per step.
         epochs: passes over the training split.
-        lr: Adam learning rate; None uses `default_lr(d_sae)`.
+        lr: Adam learning rate (> 0); None uses `default_lr(d_sae)`.
         warmup_frac, decay_frac: fractions of the steps for linear warm-up and final linear decay.
         seed: data-order seed.
         grads: feed ∂CE/∂x alongside x (g-SAE); needs a store harvested with gradients.
         init_b_dec: set b_dec to the geometric median of up to 8192 training tokens first.
         progress: show a tqdm bar.
         desc: the bar's label.
-        max_steps: stop early (for quick checks).
+        max_steps: stop after this many steps (≥ 1; for quick checks).
+        checkpoint: a file to checkpoint into every `checkpoint_every` steps (weights, optimiser,
+            step, data order, dead-latent clocks, random generators). Called again with the same
+            SAE and arguments after an interruption, `train` resumes there and ends with the same
+            weights as an uninterrupted run. Removed when training finishes.
+        checkpoint_every: steps between checkpoints.
+        force: train on a store from another hook / model than the one stamped in ``sae.cfg``.
 
     Returns:
-        The `History` of the run.
+        The `History` of the run. Training stamps the store's model, hook and key into ``sae.cfg``.
     """
+    batch_size = integer("batch_size", batch_size, min=1, hint=" (tokens per step)")
+    epochs = integer("epochs", epochs, min=1)
+    seed = integer("seed", seed)
+    if lr is not None:
+        lr = real("lr", lr, min=0, strict_min=True, hint="; pass lr=None for the default")
+    warmup_frac = real("warmup_frac", warmup_frac, min=0, max=1)
+    decay_frac = real("decay_frac", decay_frac, min=0, max=1)
+    if max_steps is not None:
+        max_steps = integer("max_steps", max_steps, min=1, hint="; pass None to train on every batch")
+    checkpoint_every = integer("checkpoint_every", checkpoint_every, min=1)
+    store = _check_store(sae, store, grads, force)
     device = sae.device
     batches, n_steps = _batches(store, batch_size, epochs, seed, device, grads)
     if max_steps:
         n_steps = min(n_steps, max_steps)
-    if init_b_dec:
-        sample = store.get("train", 8192) if hasattr(store, "get") else store[:8192]
-        sae.init_b_dec(sample)
-    lr = lr or default_lr(sae.cfg.d_sae)
+    if n_steps == 0:
+        raise ValueError(f"the training data has {_n_train(store):,} tokens, fewer than one batch of {batch_size}; "
+                         f"lower batch_size or give more tokens")
+    if isinstance(store, ActivationStore):  # provenance: every trained SAE says where it came from
+        sae.cfg.model_name, sae.cfg.hook_name, sae.cfg.store_key = store.spec.model, store.spec.hook, store.spec.key()
+    lr = default_lr(sae.cfg.d_sae) if lr is None else lr
     opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), eps=6.25e-10)
     warm, decay_at = max(1, int(warmup_frac * n_steps)), int((1 - decay_frac) * n_steps)
 
@@ -86,13 +135,24 @@ def train(sae, store, batch_size: int = 2048, epochs: int = 1, lr: float | None 
             return lr * max(0.0, (n_steps - step) / max(1, n_steps - decay_at))
         return lr
 
-    hist = History()
+    ckpt = Checkpoint(checkpoint, sae, store, dict(batch_size=batch_size, epochs=epochs, lr=lr, seed=seed,
+                      warmup_frac=warmup_frac, decay_frac=decay_frac, grads=grads, init_b_dec=init_b_dec,
+                      n_steps=n_steps)) if checkpoint is not None else None
+    hist, start = History(), 0
+    if ckpt is not None and ckpt.exists():
+        start, hist = ckpt.restore(sae, opt)
+    elif init_b_dec:
+        sample = store.get("train", 8192) if isinstance(store, ActivationStore) else store[:8192]
+        sae.init_b_dec(sample)
     sae.train()
-    bar = tqdm(total=n_steps, desc=desc or f"train {sae.cfg.architecture} k={sae.cfg.k}", disable=bars_off(progress))
-    t0, seen = time.time(), 0
+    bar = tqdm(total=n_steps, initial=start, desc=desc or f"train {sae.cfg.architecture} k={sae.cfg.k}",
+               disable=bars_off(progress))
+    t0, seen = time.time(), (hist.tokens[-1] if hist.tokens else 0)
     for step, batch in enumerate(batches):
         if step >= n_steps:
             break
+        if step < start:  # resuming: replay the data order up to the checkpoint
+            continue
         x, g = batch if grads else (batch, None)
         if not torch.isfinite(x).all():
             raise FloatingPointError(f"NaN/Inf in the activations of training batch {step}; "
@@ -116,16 +176,118 @@ def train(sae, store, batch_size: int = 2048, epochs: int = 1, lr: float | None 
             bar.set_postfix(loss=f"{hist.loss[-1]:.3f}", fvu=f"{hist.fvu[-1]:.3f}",
                             L0=f"{hist.l0[-1]:.1f}", dead=f"{100 * hist.dead[-1]:.1f}%")
         bar.update(1)
+        if ckpt is not None and (step + 1) % checkpoint_every == 0 and step + 1 < n_steps:
+            ckpt.save(step + 1, sae, opt, hist)
     bar.close()
     sae.eval()
-    hist.seconds = time.time() - t0
+    hist.seconds += time.time() - t0
+    if ckpt is not None:
+        ckpt.remove()
     return hist
+
+
+def _check_store(sae, store, grads: bool, force: bool):
+    """The training data, checked against the SAE before anything changes."""
+    if isinstance(store, ActivationStore):
+        check_fits(sae, store, force, action="train")
+        if grads and not store.spec.with_grads:
+            raise ValueError(f"grads=True needs a store harvested with gradients; {store.path.name} has none "
+                             f"(harvest(..., with_grads=True))")
+        return store
+    if isinstance(store, torch.Tensor):
+        if grads:
+            raise ValueError("grads=True needs an ActivationStore harvested with gradients, not a tensor")
+        if store.ndim != 2 or store.shape[1] != sae.cfg.d_in:
+            raise ValueError(f"training tensor must have shape [tokens, {sae.cfg.d_in}] for this SAE, got "
+                             f"{tuple(store.shape)}")
+        if not store.is_floating_point():
+            raise TypeError(f"training tensor must be floating point, got {store.dtype}; convert with x.float()")
+        if store.dtype != sae.W_dec.dtype:
+            warnings.warn(f"training tensor is {store.dtype}; converting it to the SAE's {sae.W_dec.dtype}",
+                          UserWarning, stacklevel=3)
+            store = store.to(sae.W_dec.dtype)
+        return store
+    raise TypeError(f"train needs an ActivationStore (sae_kit.harvest) or a torch.Tensor [tokens, d_in], got "
+                    f"{type(store).__name__}" + ("; wrap a numpy array with torch.from_numpy(x)"
+                                                 if type(store).__module__ == "numpy" else ""))
+
+
+def _n_train(store) -> int:
+    return len(store.token_range("train")) if isinstance(store, ActivationStore) else len(store)
+
+
+class Checkpoint:
+    """One training run's checkpoint file: written atomically, read back only by the same run.
+
+    "The same run" is a hash of the SAE's class, config and initial weights, the data (store key,
+    or the tensor's shape and a sample of its values) and every argument that shapes the steps. A
+    checkpoint from another run is replaced; a file that is not a kit checkpoint is refused.
+    """
+
+    MARK = "sae_kit.train checkpoint v1"
+
+    def __init__(self, path, sae, store, args: dict):
+        self.path = Path(path)
+        if self.path.is_dir():
+            raise IsADirectoryError(f"checkpoint={self.path} is a folder; give a file path, e.g. {self.path / 'run.ckpt'}")
+        h = hashlib.sha256()
+        cfg = {k: v for k, v in asdict(sae.cfg).items() if k not in ("model_name", "hook_name", "store_key")}
+        h.update(json.dumps({"class": type(sae).__name__, "cfg": cfg, "args": args}, sort_keys=True,
+                            default=str).encode())
+        for t in sae.state_dict().values():  # the initial weights (and clocks)
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        if isinstance(store, ActivationStore):
+            h.update(store.spec.key().encode())
+        else:
+            h.update(str(tuple(store.shape)).encode())
+            h.update(store[:: max(1, len(store) // 64)].detach().cpu().contiguous().numpy().tobytes())
+        self.key = h.hexdigest()
+        if self.path.exists() and self._read() is None:
+            raise FileExistsError(f"checkpoint={self.path} exists and is not a sae_kit training checkpoint; "
+                                  f"nothing was changed: give another file name")
+
+    def _read(self) -> dict | None:
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception:  # not a torch file, or a damaged one
+            return None
+        return state if isinstance(state, dict) and state.get("mark") == self.MARK else None
+
+    def exists(self) -> bool:
+        """Whether a checkpoint of this very run is on disk."""
+        state = self._read() if self.path.exists() else None
+        if state is not None and state["key"] != self.key:
+            warnings.warn(f"checkpoint {self.path} is from another run (other SAE, data or arguments); "
+                          f"starting afresh and replacing it", UserWarning, stacklevel=3)
+            return False
+        return state is not None
+
+    def save(self, step: int, sae, opt, hist: History) -> None:
+        gens = {n: g.get_state() for n, g in vars(sae).items() if isinstance(g, torch.Generator)}
+        state = {"mark": self.MARK, "key": self.key, "step": step, "sae": sae.state_dict(),
+                 "opt": opt.state_dict(), "hist": hist.as_dict(), "torch_rng": torch.get_rng_state(),
+                 "generators": gens}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f"{self.path.name}.tmp{os.getpid()}")
+        torch.save(state, tmp)
+        os.replace(tmp, self.path)
+
+    def restore(self, sae, opt) -> tuple[int, History]:
+        state = self._read()
+        sae.load_state_dict(state["sae"])
+        opt.load_state_dict(state["opt"])
+        torch.set_rng_state(state["torch_rng"])
+        for n, s in state["generators"].items():
+            getattr(sae, n).set_state(s)
+        print(f"sae_kit: resuming training from step {state['step']} ({self.path})")
+        return int(state["step"]), History(**state["hist"])
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
 
 
 def _batches(store, batch_size, epochs, seed, device, grads):
     if isinstance(store, torch.Tensor):
-        if grads:
-            raise ValueError("grads=True needs an ActivationStore harvested with gradients")
         gen = torch.Generator().manual_seed(seed)
         n = len(store) // batch_size
 
@@ -136,6 +298,8 @@ def _batches(store, batch_size, epochs, seed, device, grads):
                     yield store[perm[i * batch_size:(i + 1) * batch_size]].to(device)
 
         return it(), n * epochs
+    if len(store.token_range("train")) < batch_size:
+        return iter(()), 0
     return (store.batches(batch_size, "train", epochs=epochs, seed=seed, device=device, grads=grads),
             store.n_batches(batch_size, "train", epochs))
 
@@ -144,16 +308,15 @@ def train_cached(sae, store, progress: bool = True, **train_kw):
     """`train`, or load the result of an identical earlier run from the kit's cache.
 
     The key is the store, the SAE's class, config and init seed, and the training arguments, so
-    notebooks that train the same SAE on the same store share it (e.g. 00 and 05).
+    notebooks that train the same SAE on the same store share it (e.g. 00 and 05). Training
+    checkpoints beside the cached SAE, so an interrupted run (a killed kernel) resumes where it
+    stopped when the cell runs again.
 
     Returns:
         (sae, history): the trained (or loaded) SAE and its `History`.
     """
-    import hashlib
-    import json
-    from dataclasses import asdict
-
     from .config import cache_dir
+    from .fsutil import atomic_write_text
     from .saes import load_sae
 
     desc = {"store": store.spec.key(), "class": type(sae).__name__, "cfg": asdict(sae.cfg),
@@ -166,9 +329,8 @@ def train_cached(sae, store, progress: bool = True, **train_kw):
         if progress:
             print(f"loaded cached {sae.cfg.architecture} d_sae={sae.cfg.d_sae} k={sae.cfg.k} from {path.name}")
         return loaded, hist
+    train_kw.setdefault("checkpoint", path.with_name(path.name + ".ckpt"))
     hist = train(sae, store, progress=progress, **train_kw)
     sae.save(path)
-    tmp = path / "history.json.tmp"
-    tmp.write_text(json.dumps(hist.as_dict()))
-    tmp.replace(path / "history.json")
+    atomic_write_text(path / "history.json", json.dumps(hist.as_dict()))
     return sae, hist

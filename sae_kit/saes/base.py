@@ -20,6 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..validate import activations as _valid_activations
+from ..validate import integer, real
+
 
 @dataclass
 class SAEConfig:
@@ -30,13 +33,21 @@ class SAEConfig:
     aux_coef: float = 1 / 32  # Gao et al.'s AuxK weight
     dead_tokens: int = 50_000  # a latent is dead after this many tokens without firing (Gao: 10M)
     architecture: str = "topk"
-    model_name: str = ""
-    hook_name: str = ""
+    model_name: str = ""  # stamped by `train` from the store: the model the SAE was trained on
+    hook_name: str = ""  # stamped by `train`: the hook it reads (evaluate / Splicer refuse another)
+    store_key: str = ""  # stamped by `train`: the activation store it was trained on
     extra: dict = field(default_factory=dict)  # method-specific knobs, saved with the weights
 
     def __post_init__(self):
-        if self.d_in <= 0 or self.d_sae <= 0:
-            raise ValueError(f"d_in and d_sae must be positive, got d_in={self.d_in}, d_sae={self.d_sae}")
+        self.d_in = integer("d_in", self.d_in, min=1)
+        self.d_sae = integer("d_sae", self.d_sae, min=1)
+        self.k = integer("k", self.k, hint=f" (active latents per token, 0 < k < d_sae={self.d_sae})")
+        self.dead_tokens = integer("dead_tokens", self.dead_tokens, min=1)
+        self.aux_coef = real("aux_coef", self.aux_coef, min=0)
+        if self.k_aux is not None:
+            self.k_aux = integer("k_aux", self.k_aux, min=1)
+        if not isinstance(self.extra, dict):
+            raise TypeError(f"extra must be a dict of method knobs, got {type(self.extra).__name__}")
         # matching pursuit may run more steps than it has atoms (an atom can be picked again)
         if self.k <= 0 or (self.k >= self.d_sae and self.architecture != "matching_pursuit"):
             raise ValueError(f"k must satisfy 0 < k < d_sae; got k={self.k}, d_sae={self.d_sae}. "
@@ -152,7 +163,7 @@ class SAE(nn.Module):
 
     def encode_sparse(self, x: torch.Tensor, g: torch.Tensor | None = None) -> SparseCode:
         """Select latents and return their values with the sparse backward attached."""
-        _check_input(x, self.cfg.d_in)
+        x = _check_input(x, self.cfg.d_in, self.W_dec.dtype)
         x_c = x - self.b_dec
         with torch.no_grad():
             pre = x_c @ self.W_enc + self.b_enc
@@ -165,7 +176,10 @@ class SAE(nn.Module):
         return self.encode_sparse(x, g).dense()
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return z @ self.W_dec + self.b_dec
+        if not isinstance(z, torch.Tensor) or z.ndim != 2 or z.shape[1] != self.cfg.d_sae:
+            shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+            raise ValueError(f"decode expects latents z of shape [batch, {self.cfg.d_sae}], got {shape}")
+        return z.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
 
     def forward(self, x: torch.Tensor, g: torch.Tensor | None = None):
         code = self.encode_sparse(x, g)
@@ -179,6 +193,7 @@ class SAE(nn.Module):
 
     def loss(self, x: torch.Tensor, g: torch.Tensor | None = None) -> dict:
         """FVU of the reconstruction + aux_coef · AuxK loss on dead latents (+ any `penalty`); updates dead stats."""
+        x = x.to(self.W_dec.dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
         code = self.encode_sparse(x, g)
         x_hat = sparse_decode(code, self.W_dec) + self.b_dec
         main = fvu(x, x_hat)
@@ -255,10 +270,9 @@ class SAE(nn.Module):
         return f"{c.architecture}: d_in={c.d_in}, d_sae={c.d_sae}, k={c.k}"
 
 
-def _check_input(x: torch.Tensor, d_in: int) -> None:
-    if x.ndim != 2 or x.shape[1] != d_in:
-        raise ValueError(f"expected activations of shape [batch, {d_in}], got {tuple(x.shape)}; "
-                         f"this SAE was built for d_in={d_in}")
+def _check_input(x: torch.Tensor, d_in: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """x checked (a float tensor [batch, d_in], finite) and in the SAE's dtype; see `validate.activations`."""
+    return _valid_activations(x, d_in, dtype)
 
 
 @torch.no_grad()

@@ -3,23 +3,26 @@
 ``sae_lens.SAE.load_from_disk(path)`` reads what `save_sae` writes: TopK-style dictionaries are
 saved as SAELens ``"topk"``, matching pursuit as ``"matching_pursuit"``; the kit's own config (architecture, k_aux, thresholds...) rides along
 in ``metadata.sae_kit`` so `load_sae` rebuilds the exact class. Writes go to a temporary folder
-that is renamed into place, so an interrupted save never leaves a half-written SAE.
+that is renamed into place, so an interrupted save never leaves a half-written SAE; a folder that
+holds anything but a saved SAE is never written into (see `sae_kit.fsutil`).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
+from ..fsutil import claim_dir, recover_stale, replace_dir, temp_sibling
 from .base import SAE, SAEConfig
 
 _WEIGHTS, _CFG = "sae_weights.safetensors", "cfg.json"
+_STATE = "sae_kit_state.safetensors"
 _CORE = ("W_enc", "b_enc", "W_dec", "b_dec")  # SAELens's tensors (a tied SAE has no W_enc / b_enc)
+# what a saved SAE folder may hold (history.json: written beside the weights by `train_cached`)
+SAE_FILES = {_CFG, _WEIGHTS, _STATE, "history.json"}
 
 
 def saelens_architecture(sae: SAE) -> str:
@@ -31,15 +34,14 @@ def save_sae(sae: SAE, path: str | Path) -> Path:
     from safetensors.torch import save_file
 
     path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    recover_stale(path)
+    claim_dir(path, "a saved SAE", markers={_CFG, _WEIGHTS}, allowed=SAE_FILES)
+    tmp = temp_sibling(path)
     tensors = {n: p.detach().cpu().contiguous() for n, p in sae.state_dict().items()}
     extra = tensors_for_saelens(sae)
     save_file({**{n: tensors[n] for n in _CORE if n in tensors}, **extra}, str(tmp / _WEIGHTS))
     kit_state = {n: t for n, t in tensors.items() if n not in _CORE}
-    save_file(kit_state, str(tmp / "sae_kit_state.safetensors"))
+    save_file(kit_state, str(tmp / _STATE))
     c = sae.cfg
     cfg = {
         "architecture": saelens_architecture(sae), "d_in": c.d_in, "d_sae": c.d_sae, "k": c.k,
@@ -50,13 +52,7 @@ def save_sae(sae: SAE, path: str | Path) -> Path:
                      "sae_kit": {"class": type(sae).__name__, "cfg": asdict(c)}},
     }
     (tmp / _CFG).write_text(json.dumps(cfg, indent=1))
-    if path.exists():
-        backup = path.with_name(path.name + f".old{os.getpid()}")
-        os.replace(path, backup)
-        os.replace(tmp, path)
-        shutil.rmtree(backup)
-    else:
-        os.replace(tmp, path)
+    replace_dir(tmp, path)
     return path
 
 
@@ -73,17 +69,38 @@ def load_sae(path: str | Path, device=None) -> SAE:
     from . import REGISTRY
 
     path = Path(path)
+    recover_stale(path)  # a save killed between its two renames: put the previous version back
     if not (path / _CFG).exists():
         raise FileNotFoundError(f"no SAE at {path} (expected {_CFG} and {_WEIGHTS})")
-    meta = json.loads((path / _CFG).read_text()).get("metadata", {}).get("sae_kit")
+    try:
+        cfg = json.loads((path / _CFG).read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path / _CFG} is not valid JSON ({e}); the saved SAE is damaged: save it again") from None
+    meta = cfg.get("metadata", {}).get("sae_kit") if isinstance(cfg, dict) else None
     if meta is None:
         raise ValueError(f"{path} is a SAELens SAE not written by sae_kit; load it with sae_lens.SAE.load_from_disk")
-    cls = REGISTRY[meta["class"]]
-    sae = cls(SAEConfig(**meta["cfg"]), device=device)
-    state = load_file(str(path / _WEIGHTS))
-    state = {n: state[n] for n in _CORE if n in state}
-    if (path / "sae_kit_state.safetensors").exists():
-        state.update(load_file(str(path / "sae_kit_state.safetensors")))
-    sae.load_state_dict(state)
+    cls = REGISTRY.get(meta.get("class"))
+    if cls is None:
+        raise ValueError(f"{path / _CFG} names the dictionary class {meta.get('class')!r}, which this sae_kit "
+                         f"does not know (known: {', '.join(sorted(REGISTRY))}); upgrade sae_kit or re-save the SAE")
+    try:
+        sae = cls(SAEConfig(**meta["cfg"]), device=device)
+    except (TypeError, KeyError, ValueError) as e:
+        raise ValueError(f"{path / _CFG} holds a config this sae_kit cannot build ({e})") from None
+    state = {}
+    for name in (_WEIGHTS, _STATE):
+        if name == _STATE and not (path / name).exists():
+            continue
+        try:
+            part = load_file(str(path / name))
+        except Exception as e:  # safetensors raises its own error type for a truncated file
+            raise ValueError(f"{path / name} cannot be read ({type(e).__name__}: {e}); the file is damaged "
+                             f"or truncated: save the SAE again") from None
+        state.update({n: part[n] for n in _CORE if n in part} if name == _WEIGHTS else part)
+    try:
+        sae.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"the weights in {path} do not fit a {cls.__name__} with d_in={sae.cfg.d_in}, "
+                         f"d_sae={sae.cfg.d_sae}: {str(e).splitlines()[0]} ...") from None
     sae.eval()
     return sae.to(device) if device is not None else sae

@@ -98,7 +98,7 @@ class MatchingPursuitSAE(SAE):
 
     def pursue(self, x: torch.Tensor, steps: int | None = None, threshold: float | None = None) -> SparseCode:
         """Run the pursuit on x [B, d_in]; the values carry gradients to the atoms and b_dec."""
-        _check_input(x, self.cfg.d_in)
+        x = _check_input(x, self.cfg.d_in, self.W_dec.dtype)
         steps = self.cfg.k if steps is None else int(steps)
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
