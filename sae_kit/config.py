@@ -128,6 +128,9 @@ def setup(seed: int = 0, device: str | None = None, quiet: bool = True) -> torch
     Returns:
         The chosen device.
     """
+    from .validate import integer
+
+    seed = integer("seed", seed, min=0, max=2**32 - 1)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

@@ -12,13 +12,14 @@ training checkpoints (`train`). Each goes through the same rules:
 - **Clean up after a killed writer.** ``.tmp<pid>`` / ``.old<pid>`` siblings whose process is gone
   are removed on the next write; if the kill fell between the two renames (the target is missing
   but its ``.old<pid>`` exists), the old version is put back (`recover_stale`).
-- **One writer at a time.** `locked` takes an OS file lock (the `filelock` package) beside the
-  target; a second process waits and says which run holds it.
+- **One writer at a time.** `locked` takes an OS file lock (the `filelock` package); a second
+  process waits and says which run holds it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -127,8 +128,11 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 @contextlib.contextmanager
-def locked(path: Path, what: str, timeout: float | None = None):
-    """Hold an exclusive lock on `path` (a ``<name>.lock`` file beside it) for the block.
+def locked(path: Path, what: str, timeout: float | None = None, beside: bool = True):
+    """Hold an exclusive lock on `path` for the block.
+
+    The lock file is ``<name>.lock`` beside `path` (`beside`: seen by every user of a shared folder),
+    or one under the kit's cache named from the absolute path (no file left in the user's folder).
 
     A second process waits (printing who holds the lock) up to `timeout` seconds (None: forever),
     then raises `ArtefactBusyError` naming the holder. The OS releases the lock if its holder dies,
@@ -138,8 +142,15 @@ def locked(path: Path, what: str, timeout: float | None = None):
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    lock_file = path.with_name(path.name + ".lock")
-    info_file = path.with_name(path.name + ".lock.json")
+    if beside:
+        lock_file = path.with_name(path.name + ".lock")
+    else:
+        from .config import cache_dir
+
+        digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+        lock_file = cache_dir() / "locks" / f"{path.name[:40]}-{digest}.lock"
+        lock_file.parent.mkdir(parents=True, exist_ok=True)
+    info_file = lock_file.with_name(lock_file.name + ".json")
     lock = FileLock(str(lock_file))
     try:
         lock.acquire(timeout=0)

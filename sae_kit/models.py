@@ -198,6 +198,8 @@ def load_model(name: str = DEFAULT_MODEL, device: str | torch.device | None = No
     """
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+    if not isinstance(name, str):
+        raise TypeError(f"model name must be a string such as {DEFAULT_MODEL!r} or 'gpt2', got {type(name).__name__}")
     dev = get_device(device)
     if name.lower() in _SMOLLM2_NAMES:
         from safetensors.torch import load_file

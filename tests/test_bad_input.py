@@ -241,6 +241,9 @@ CASES = [
          ("d_in=768",)),
     # ---- configuration ----
     Case("unknown scale", lambda e: sae_kit.get_scale("huge"), ValueError, ("unknown scale", "ci, lab, paper")),
+    Case("seed not a whole number", lambda e: sae_kit.setup(seed="one"), TypeError, ("seed", "whole number")),
+    Case("negative seed", lambda e: sae_kit.setup(seed=-1), ValueError, ("seed", "at least 0")),
+    Case("model name not a string", lambda e: sae_kit.load_model(135), TypeError, ("model name", "smollm2-135m")),
 ]
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..fsutil import claim_dir, recover_stale, replace_dir, temp_sibling
+from ..fsutil import claim_dir, locked, recover_stale, replace_dir, temp_sibling
 from .base import SAE, SAEConfig
 
 _WEIGHTS, _CFG = "sae_weights.safetensors", "cfg.json"
@@ -31,9 +31,14 @@ def saelens_architecture(sae: SAE) -> str:
 
 
 def save_sae(sae: SAE, path: str | Path) -> Path:
+    path = Path(path)
+    with locked(path, "the saved SAE", beside=False):  # two saves to one path: one after the other
+        return _save_locked(sae, path)
+
+
+def _save_locked(sae: SAE, path: Path) -> Path:
     from safetensors.torch import save_file
 
-    path = Path(path)
     recover_stale(path)
     claim_dir(path, "a saved SAE", markers={_CFG, _WEIGHTS}, allowed=SAE_FILES)
     tmp = temp_sibling(path)
