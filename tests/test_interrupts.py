@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -149,3 +150,35 @@ def test_two_processes_harvest_one_store(model, tmp_path):
                             path=tmp_path / "alone", corpus=str(corpus), progress=False)
     np.testing.assert_array_equal(np.asarray(sae_kit.ActivationStore(path).acts), np.asarray(fresh.acts))
     assert not Path(str(path) + ".partial").exists()
+
+
+HOLD = """
+    import sys, time, pathlib
+    from sae_kit.fsutil import locked
+    with locked(pathlib.Path(sys.argv[1]), "the activation store"):
+        pathlib.Path(sys.argv[2]).write_text("holding")
+        time.sleep(30)
+"""
+
+
+def test_a_busy_store_names_the_run_holding_it(tmp_path):
+    from sae_kit.fsutil import ArtefactBusyError, locked
+
+    path, flag = tmp_path / "store", tmp_path / "holding"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(HOLD), str(path), str(flag)], env=env)
+    try:
+        for _ in range(600):
+            if flag.exists():
+                break
+            holder.poll()
+            assert holder.returncode is None, "the lock holder died"
+            time.sleep(0.05)
+        with pytest.raises(ArtefactBusyError, match=rf"another run \(pid {holder.pid} on"):
+            with locked(path, "the activation store", timeout=0.5):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with locked(path, "the activation store", timeout=5):  # a killed holder leaves no stale lock
+        pass
