@@ -16,14 +16,14 @@ import time
 
 import torch
 
-from sae_kit.saes import choice_sae, fvu, mp_sae, topk_sae
+from sae_kit.saes import choice_sae, fvu_loss, mp_sae, topk_sae
 
 
 def dense_step(sae, x, opt):
     pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
     v, i = pre.topk(sae.cfg.k, -1)
     z = torch.zeros_like(pre).scatter(-1, i, torch.relu(v))
-    loss = fvu(x, z @ sae.W_dec + sae.b_dec)
+    loss = fvu_loss(x, z @ sae.W_dec + sae.b_dec)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -36,7 +36,7 @@ def textbook_mp_step(sae, x, opt):
         c = r @ sae.W_dec.t()
         j = c.argmax(1, keepdim=True)
         r = r - torch.relu(c.gather(1, j)) * sae.W_dec[j[:, 0]]
-    loss = fvu(x, x - r)
+    loss = fvu_loss(x, x - r)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -64,8 +64,8 @@ def main():
     contenders = {
         "dense autograd TopK": (topk_sae(a.d_in, a.d_sae, a.k, aux_coef=0.0), dense_step),
         "kit TopK (sparse)": (topk_sae(a.d_in, a.d_sae, a.k, aux_coef=0.0), kit_step),
-        "kit Mutual Choice": (choice_sae("mc", a.d_in, a.d_sae, a.k, extra={"aux": "none"}), kit_step),
-        "kit Feature Choice": (choice_sae("fc", a.d_in, a.d_sae, a.k, extra={"aux": "none"}), kit_step),
+        "kit Mutual Choice": (choice_sae("mc", a.d_in, a.d_sae, a.k, aux="none"), kit_step),
+        "kit Feature Choice": (choice_sae("fc", a.d_in, a.d_sae, a.k, aux="none"), kit_step),
     }
     report(contenders, x, a.rounds, "kit TopK (sparse)")
     mp = {"kit MP (Gram trick)": (mp_sae(a.d_in, a.d_sae, a.k), kit_step),

@@ -9,10 +9,11 @@ from .claims import Claims
 from .config import Scale, cache_dir, get_device, get_scale, setup
 from .corpus import load_texts, stdlib_docs, token_windows
 from .explorer import context_table, top_contexts
-from .metrics import Splicer, evaluate, reconstruction_metrics, splice_metrics
+from .metrics import reconstruction_metrics
+from .splice import Splicer, evaluate, splice_metrics
 from .models import DEFAULT_MODEL, ModelNotInstalledError, load_model
-from .saes import (SAE, FeatureChoiceSAE, GradientSAE, MatchingPursuitSAE, MutualChoiceSAE, ReluSAE, SAEConfig,
-                   TopKSAE, choice_sae, gradient_sae, load_sae, mp_sae, relu_sae, topk_sae)
-from .train import History, train, train_cached
+from .saes import (SAE, BatchTopKSAE, FeatureChoiceSAE, GradientSAE, MatchingPursuitSAE, MutualChoiceSAE, ReluSAE,
+                   SAEConfig, TopKSAE, batch_topk_sae, choice_sae, gradient_sae, load_sae, mp_sae, relu_sae, topk_sae)
+from .train import History, HookMismatchError, train, train_cached
 
 __version__ = "0.1.0"

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .config import bars_off, cache_dir, get_device
+from .config import bars_off, cache_dir
 from .corpus import fingerprint, load_texts, token_windows
 from .fsutil import atomic_write_text, claim_dir, locked
 from .models import model_id
@@ -431,10 +431,11 @@ def default_hook(model, depth: float = 0.3) -> str:
 
 
 def get_store(model, scale, hook: str | None = None, with_grads: bool = False, seed: int = 0,
-              n_tokens: int | None = None, **kw) -> ActivationStore:
-    """The store a notebook uses at `scale` (harvested on first use, reused after)."""
+              n_tokens: int | None = None, eval_tokens: int | None = None, **kw) -> ActivationStore:
+    """The store a notebook uses at `scale` (harvested on first use, reused after): `n_tokens`
+    training and `eval_tokens` held-out tokens, by default the scale's."""
     hook = hook or default_hook(model)
-    n = n_tokens or (scale.grad_tokens if with_grads else scale.n_tokens)
-    n_eval = scale.grad_eval_tokens if with_grads else scale.eval_tokens
+    n = scale.n_tokens if n_tokens is None else n_tokens
+    n_eval = scale.eval_tokens if eval_tokens is None else eval_tokens
     return harvest(model, hook, n_tokens=n + n_eval, ctx_len=scale.ctx_len, seed=seed,
                    eval_tokens=n_eval, with_grads=with_grads, **kw)

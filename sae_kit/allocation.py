@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import torch
 
-from .metrics import Splicer, encode_batched, feature_density, reconstruction_metrics
+from .metrics import feature_density, forward_batched, reconstruction_metrics
 from .saes import choice_sae, fit_zipf, topk_sae, zipf_probs
-from .sweeps import Variant
+from .splice import Splicer
+from .sweeps import Variant, each_mode
 
 
 def paper_variants(zipf: dict, d_in: int, d_sae: int, dead_tokens: int, device=None) -> list[Variant]:
@@ -20,8 +21,8 @@ def paper_variants(zipf: dict, d_in: int, d_sae: int, dead_tokens: int, device=N
     def topk(aux):
         return lambda k, seed: topk_sae(d_in, d_sae, k, seed=seed, aux_coef=(1 / 32) if aux else 0.0, **common)
 
-    def choice(rule, **extra):
-        return lambda k, seed: choice_sae(rule, d_in, d_sae, k, seed=seed, extra=dict(extra), **common)
+    def choice(rule, **knobs):
+        return lambda k, seed: choice_sae(rule, d_in, d_sae, k, seed=seed, **knobs, **common)
 
     return [
         Variant("TopK", topk(False)),
@@ -42,28 +43,20 @@ def under_used_fraction(density: torch.Tensor, k: int, zipf: dict, tau: float = 
 
 
 def evaluate_variant(sae, x_eval: torch.Tensor, k: int, zipf: dict, batch_size: int,
-                     splicer: Splicer | None = None) -> dict:
-    """Threshold-mode metrics (what a user has at inference), batch-mode metrics for choice rules,
-    under-used %, and splice metrics in threshold mode."""
-    out = {"k": k}
-    modes = ["threshold", "batch"] if hasattr(sae, "inference") else ["threshold"]
-    for mode in modes:
-        if hasattr(sae, "inference"):
-            sae.inference = mode
+                     splicer: Splicer | None = None) -> list[dict]:
+    """One row per inference mode of `sae` (choice rules: ``threshold``, what a user has at
+    inference, and ``batch``, the training rule; TopK: its one mode): FVU, nMSE, L0, dead %, dense %
+    and under-used %, plus splice metrics (ΔCE, KL...) in the default mode."""
+
+    def metrics(mode: str) -> dict:
         m = reconstruction_metrics(sae, x_eval, batch_size=batch_size)
-        dens = m.pop("density")
-        suffix = "" if mode == "threshold" else "_batch"
-        out.update({f"{key}{suffix}": v for key, v in m.items()})
-        out[f"under_used{suffix}"] = under_used_fraction(dens, k, zipf)
-        if mode == "threshold":
-            out["density"] = dens
-    if hasattr(sae, "inference"):
-        sae.inference = "threshold"
-    if "fvu_batch" not in out:  # TopK: batch and threshold mode are the same thing
-        out.update({f"{key}_batch": out[key] for key in ("fvu", "nmse", "l0", "dead", "dense", "under_used")})
-    if splicer is not None:
-        out.update(splicer(sae))
-    return out
+        out = {key: v for key, v in m.items() if key != "density"}
+        out["under_used"] = under_used_fraction(m["density"], k, zipf)
+        if splicer is not None and mode == sae.modes[0]:
+            out.update(splicer(sae))
+        return out
+
+    return each_mode(sae, metrics)
 
 
 @torch.no_grad()
@@ -75,9 +68,9 @@ def per_token_difficulty(sae_choice, sae_topk, x: torch.Tensor) -> dict:
     """
     from scipy.stats import spearmanr
 
-    x_hat_t, _ = encode_batched(sae_topk, x)
+    x_hat_t, _ = forward_batched(sae_topk, x)
     err = (x - x_hat_t).norm(dim=1)
-    _, z = encode_batched(sae_choice, x)
+    _, z = forward_batched(sae_choice, x)
     l0 = (z > 0).sum(1).float()
     rho, p = spearmanr(l0.numpy(), err.numpy())
     return {"l0": l0, "err": err, "rho": float(rho), "p": float(p)}
@@ -85,6 +78,17 @@ def per_token_difficulty(sae_choice, sae_topk, x: torch.Tensor) -> dict:
 
 def reference_zipf(sae, x_eval: torch.Tensor) -> dict:
     """Fit Zipf to a trained SAE's feature densities on held-out tokens."""
-    _, z = encode_batched(sae, x_eval)
+    _, z = forward_batched(sae, x_eval)
     dens = feature_density(z)
     return {**fit_zipf(dens), "density": dens}
+
+
+def allocation_masks(pre: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
+    """What TopK, Mutual Choice and Feature Choice (uniform) keep of one B×n affinity matrix, as
+    boolean masks, with the titles the allocation figure uses."""
+    B, n = pre.shape
+    topk = torch.zeros_like(pre, dtype=torch.bool).scatter_(1, pre.topk(k, 1).indices, True)
+    mc, _ = choice_sae("mc", 2, n, k).batch_keep(pre)
+    fc, _ = choice_sae("fc", 2, n, k).batch_keep(pre)
+    return {f"TopK: {k} per token": topk, f"Mutual Choice: top {k * B} overall": mc,
+            f"Feature Choice: {k * B // n}-{-(-k * B // n)} per feature": fc}

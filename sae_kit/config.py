@@ -20,7 +20,8 @@ SCALES = ("ci", "lab", "paper")
 
 @dataclass(frozen=True)
 class Scale:
-    """Sizes for one scale. Every notebook reads its sizes from here."""
+    """Sizes shared by every notebook at one scale. Sizes that only one paper's analysis uses live
+    with that analysis (e.g. `gradient_eval.sizes`, `concepts.sizes`), keyed by the same scale name."""
 
     name: str
     n_tokens: int  # tokens harvested into the activation store
@@ -34,40 +35,31 @@ class Scale:
     eval_tokens: int  # held-out tokens for FVU / L0 / density
     ce_seqs: int  # sequences for spliced cross-entropy (ΔCE, KL)
     seeds: tuple[int, ...]  # seeds for error bars where gaps are small
-    grad_tokens: int  # training tokens harvested with ∂CE/∂x (g-SAE; ~140 tok/s on 2 cores)
-    grad_eval_tokens: int  # held-out tokens of that store
-    grad_epochs: int  # passes over the (smaller) gradient store
     dead_tokens: int  # a latent is dead after this many training tokens without firing (AuxK)
-    snmf_ranks: tuple[int, ...]  # SNMF ranks for the error-vs-rank curve; the middle one is studied
-    snmf_iters: int  # SNMF iteration cap (early stopping usually ends sooner)
-    steer_concepts: int  # concepts steered in notebook 04
-    steer_kl: tuple[float, ...]  # KL targets for matched-KL steering
-    steer_samples: int  # continuations generated per steering setting
-    steer_tokens: int  # tokens per continuation
 
 
 _PROFILES = {
     "ci": Scale(
         "ci", n_tokens=24_576, ctx_len=64, batch_size=512, expansion=4, k=16, k_sweep=(8, 16, 32),
-        width_sweep=(1, 2, 4), epochs=1, eval_tokens=4_096, ce_seqs=16, seeds=(0,),
-        grad_tokens=8_192, grad_eval_tokens=2_048, grad_epochs=4, dead_tokens=8_192,
-        snmf_ranks=(10, 25, 50), snmf_iters=300, steer_concepts=2, steer_kl=(0.5,), steer_samples=2, steer_tokens=12),
+        width_sweep=(1, 2, 4), epochs=1, eval_tokens=4_096, ce_seqs=16, seeds=(0,), dead_tokens=8_192),
     # lab: small batches and two epochs give ~400 optimiser steps per SAE (~45 s on 2 cores)
     "lab": Scale(
         "lab", n_tokens=204_800, ctx_len=64, batch_size=1024, expansion=8, k=32, k_sweep=(8, 16, 32, 64),
-        width_sweep=(1, 2, 4, 8), epochs=2, eval_tokens=20_480, ce_seqs=64, seeds=(0, 1),
-        grad_tokens=49_152, grad_eval_tokens=10_240, grad_epochs=4, dead_tokens=50_000,
-        snmf_ranks=(10, 25, 50, 100), snmf_iters=2000, steer_concepts=8, steer_kl=(0.1, 0.25, 0.5), steer_samples=4,
-        steer_tokens=20),
+        width_sweep=(1, 2, 4, 8), epochs=2, eval_tokens=20_480, ce_seqs=64, seeds=(0, 1), dead_tokens=50_000),
     # paper: a GPU; the offline corpus holds ~410k tokens, so paper scale goes wide and many
     # epochs over all of it (give a larger corpus to harvest() for more tokens)
     "paper": Scale(
         "paper", n_tokens=360_000, ctx_len=64, batch_size=4096, expansion=16, k=32, k_sweep=(8, 16, 32, 64),
         width_sweep=(2, 4, 8, 16, 32), epochs=8, eval_tokens=40_960, ce_seqs=256, seeds=(0, 1, 2),
-        grad_tokens=360_000, grad_eval_tokens=40_960, grad_epochs=8, dead_tokens=1_000_000,
-        snmf_ranks=(10, 25, 50, 100, 200), snmf_iters=10_000, steer_concepts=20,
-        steer_kl=(0.025, 0.05, 0.1, 0.15, 0.25, 0.35, 0.5), steer_samples=8, steer_tokens=50),
+        dead_tokens=1_000_000),
 }
+
+
+def scale_name(scale: "Scale | str | None" = None) -> str:
+    """The name of a scale (a `Scale`, a name, or None for ``SAE_KIT_SCALE``), checked."""
+    if isinstance(scale, Scale):
+        return scale.name
+    return get_scale(scale).name
 
 
 def get_scale(name: str | None = None, **overrides) -> Scale:

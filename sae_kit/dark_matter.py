@@ -11,7 +11,7 @@ The SAE error e = x − x̂ is split by a least-squares map from the input: ê =
 - `error_norm_r2_matrix`: R² of regressing ‖e_j‖ (width j) on [‖e_i‖, 1] (width i), all pairs.
 - `gradient_pursuit`: inference-time sparse coding with the SAE's own decoder, as many steps as
   each token's SAE L0 (the paper's `encoder_pursuit.py`), to see how much is *encoder* error.
-The notebook splices x̂ + ê and x̂ + (e − ê) into the model with `metrics.Splicer`.
+The notebook splices x̂ + ê and x̂ + (e − ê) into the model with `splice.Splicer`.
 
 Differences from the paper's code, all deliberate: an intercept column everywhere (the paper's
 vector/norm regressions have none), and the fit uses training-split tokens while the score uses
@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 
 from .config import bars_off
 
-from .metrics import Splicer, encode_batched, fvu
+from .metrics import forward_batched, fvu
+from .splice import Splicer
 
 
 def _with_one(x: torch.Tensor) -> torch.Tensor:
@@ -65,8 +66,8 @@ def linear_error_fit(sae, x_fit: torch.Tensor, x_test: torch.Tensor) -> dict:
         dict with fvu, fvu_nonlinear (FVU of x̂ + ê), vector R² (both ways), norm R² (both ways),
         norm_baseline R² (predicting ‖x‖² from x), the test error norms, and the vector map W.
     """
-    xh_fit, _ = encode_batched(sae, x_fit)
-    xh_test, z = encode_batched(sae, x_test)
+    xh_fit, _ = forward_batched(sae, x_fit)
+    xh_test, z = forward_batched(sae, x_test)
     e_fit, e_test = x_fit - xh_fit, x_test - xh_test
     W = lstsq(x_fit, e_fit)
     e_lin = predict(x_test, W)

@@ -6,7 +6,7 @@ import html
 
 import torch
 
-from .metrics import encode_batched
+from .metrics import forward_batched
 
 
 @torch.no_grad()
@@ -30,7 +30,7 @@ def top_contexts(sae, store, latent: int, tokenizer, n: int = 8, window: int = 1
         raise ValueError(f"latent must be in 0-{sae.cfg.d_sae - 1}, got {latent}")
     spec = store.spec
     if z is None:
-        _, z = encode_batched(sae, store.get(split))
+        _, z = forward_batched(sae, store.get(split))
     col = z[:, latent]
     vals, idx = col.topk(min(n, int((col > 0).sum())))
     w0 = store.window_range(split).start
@@ -66,5 +66,5 @@ class ContextTable:
 
 def context_table(sae, store, latents: list[int], tokenizer, n: int = 5, split: str = "eval") -> ContextTable:
     """`top_contexts` for several latents, encoding the split once."""
-    _, z = encode_batched(sae, store.get(split))
+    _, z = forward_batched(sae, store.get(split))
     return ContextTable({j: top_contexts(sae, store, j, tokenizer, n=n, split=split, z=z) for j in latents})

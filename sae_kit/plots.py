@@ -7,6 +7,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 import torch
 
 
@@ -63,9 +64,11 @@ def density_histogram(densities: dict, save: str | None = None):
 
 
 def frontier(points: dict, x: str = "l0", y: str = "fvu", logy: bool = True, save: str | None = None, ax=None):
-    """Metric `y` against `x` for several variants ({label: list of metric dicts}), one line each."""
+    """Metric `y` against `x` for several variants ({label: rows}), one line each; rows are a list of
+    metric dicts or a table (a `Sweep` table filtered to one variant)."""
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(5.5, 3.8))
     for label, rows in points.items():
+        rows = rows.to_dict("records") if isinstance(rows, pd.DataFrame) else rows
         rows = sorted(rows, key=lambda r: r[x])
         ax.plot([r[x] for r in rows], [r[y] for r in rows], "o-", label=label)
     ax.set_xlabel(x.upper() if x == "l0" else x)
@@ -78,20 +81,16 @@ def frontier(points: dict, x: str = "l0", y: str = "fvu", logy: bool = True, sav
     return save_figure(fig, save)
 
 
-def allocation_picture(pre: torch.Tensor, k: int, save: str | None = None):
-    """What TopK, Mutual Choice and Feature Choice keep of one small B×n affinity matrix."""
-    from .saes import choice_sae
-
+def allocation_picture(pre: torch.Tensor, masks: dict, save: str | None = None):
+    """What each rule keeps of one small B×n affinity matrix: `masks` maps a title to a boolean mask
+    (`allocation.allocation_masks`)."""
     B, n = pre.shape
-    topk = torch.zeros_like(pre, dtype=torch.bool).scatter_(1, pre.topk(k, 1).indices, True)
-    mc = choice_sae("mc", 2, n, k).batch_keep(pre)
-    fc = choice_sae("fc", 2, n, k).batch_keep(pre)
-    fig, axes = plt.subplots(1, 4, figsize=(14, 3.2), gridspec_kw={"width_ratios": [1.15, 1, 1, 1]})
+    fig, axes = plt.subplots(1, 1 + len(masks), figsize=(3.5 * (1 + len(masks)), 3.2),
+                             gridspec_kw={"width_ratios": [1.15] + [1] * len(masks)})
     im = axes[0].imshow(pre.numpy(), cmap="viridis")
     axes[0].set_title("affinities (pre-activations)")
     fig.colorbar(im, ax=axes[0], fraction=0.046)
-    for ax, (name, keep) in zip(axes[1:], [(f"TopK: {k} per token", topk), (f"Mutual Choice: top {k * B} overall", mc),
-                                           (f"Feature Choice: {k * B // n}-{-(-k * B // n)} per feature", fc)]):
+    for ax, (name, keep) in zip(axes[1:], masks.items()):
         ax.imshow(keep.numpy(), cmap="Greys", vmin=0, vmax=1.4)
         for t in range(B):
             ax.text(n - 0.4, t, f" {int(keep[t].sum())}", va="center", fontsize=8, color="tab:red")
@@ -171,7 +170,7 @@ def difficulty_scatter(results: dict, save: str | None = None):
 
 def recovery_heatmaps(rows: list[dict], groups: dict, save: str | None = None):
     """Cosine between true features (rows) and their Hungarian-matched atoms (columns), one panel
-    per method (`synthetic.recovery_benchmark` rows; the first seed of each method is drawn)."""
+    per method (`pursuit.recovery_benchmark` rows; the first seed of each method is drawn)."""
     first = {}
     for r in rows:
         first.setdefault(r["method"], r)
@@ -194,22 +193,14 @@ def recovery_heatmaps(rows: list[dict], groups: dict, save: str | None = None):
     return save_figure(fig, save)
 
 
-def pursuit_small_multiples(sae, x: torch.Tensor, steps: int, shape=(8, 8), save: str | None = None):
-    """Matching pursuit on one input, step by step: the atom picked (with its coefficient), the
-    reconstruction so far, and the residual left, for images of `shape`."""
-    from .saes.matching_pursuit import residual_norms
-
-    x = x.reshape(1, -1).to(sae.device)
-    code = sae.pursue(x, steps, threshold=0.0)
-    idx, vals = code.cols.cpu(), code.vals.detach().cpu()
-    norms = residual_norms(sae, x, steps)[0]
-    W, b = sae.W_dec.detach().cpu(), sae.b_dec.detach().cpu()
+def pursuit_small_multiples(trace: dict, shape=(8, 8), save: str | None = None):
+    """Matching pursuit on one input, step by step (`pursuit.pursuit_trace`): the atom picked (with
+    its coefficient), the reconstruction so far, and the residual left, for images of `shape`."""
+    steps, x0, norms = len(trace["idx"]), trace["x"], trace["norms"]
     fig, axes = plt.subplots(3, steps + 1, figsize=(1.25 * (steps + 1), 4.1))
-    x0, recon = x.cpu()[0], b.clone()
-    panels = [(b, "start: b_dec", recon.clone())]  # (atom, title, reconstruction so far)
+    panels = [(trace["b_dec"], "start: b_dec", trace["recon"][0])]  # (atom, title, reconstruction so far)
     for t in range(steps):
-        recon = recon + vals[t] * W[idx[t]]
-        panels.append((W[idx[t]], f"#{int(idx[t])} ×{float(vals[t]):.2f}", recon.clone()))
+        panels.append((trace["atoms"][t], f"#{int(trace['idx'][t])} ×{float(trace['vals'][t]):.2f}", trace["recon"][t + 1]))
     for col, (atom, title, rec) in enumerate(panels):
         for row, (img, signed) in enumerate([(atom, True), (rec, False), (x0 - rec, True)]):
             ax = axes[row, col]

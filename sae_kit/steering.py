@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .config import bars_off
 
-from .metrics import Splicer
+from .splice import Splicer
 
 
 @torch.no_grad()

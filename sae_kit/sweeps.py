@@ -1,9 +1,12 @@
 """Train-and-evaluate sweeps over dictionary variants, and fair comparisons between them.
 
 A `Variant` knows how to build its SAE for a given k and seed; `run_sweep` trains every variant at
-every k (plus extra seeds at one k, for error bars) and evaluates each with a function you pass.
-`matched_l0_gap` compares a variant with a reference frontier at the variant's own L0, and
-`seed_spread` gives the seed-to-seed noise a claim must beat.
+every k (plus extra seeds at one k, for error bars) and evaluates each in each of its inference
+modes (`each_mode`). The result is a `Sweep`: one tidy table with a row per (label, k, seed, mode)
+and a column per metric, plus the trained SAEs. `matched_l0_gap` compares a variant with a
+reference frontier at the variant's own L0, and `seed_spread` gives the seed-to-seed noise a claim
+must beat. A row's ``default`` column marks the dictionary's default mode (``sae.modes[0]``), which
+is what a comparison uses unless it names a mode.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
+import pandas as pd
 
 from .train import train
 
@@ -25,46 +29,87 @@ class Variant:
     train_kw: dict = field(default_factory=dict)  # e.g. {"grads": True} for g-SAE
 
 
+@dataclass
+class Sweep:
+    """What `run_sweep` returns: ``table`` (a row per label, k, seed and mode) and the trained SAEs
+    and training histories, keyed by (label, k, seed)."""
+
+    table: pd.DataFrame
+    saes: dict = field(default_factory=dict)
+    histories: dict = field(default_factory=dict)
+
+    def sae(self, label: str, k: int, seed: int = 0):
+        return self.saes[label, k, seed]
+
+    def rows(self, label: str, mode: str | None = None, **where) -> pd.DataFrame:
+        """`pick` on this sweep's table."""
+        return pick(self.table, label, mode, **where)
+
+
+def each_mode(sae, evaluate: Callable[[str], dict]) -> list[dict]:
+    """``evaluate(mode)`` with `sae` switched into each of its inference modes in turn; one row per
+    mode, with ``mode`` and ``default`` (the dictionary's default mode) filled in."""
+    rows = []
+    for mode in sae.modes:
+        with sae.using(mode):
+            rows.append({"mode": mode, "default": mode == sae.modes[0], **evaluate(mode)})
+    return rows
+
+
 def run_sweep(variants: list[Variant], store, ks, evaluate: Callable, batch_size: int, epochs: int,
-              seeds=(0,), extra_seed_k: int | None = None) -> list[dict]:
+              seeds=(0,), extra_seed_k: int | None = None) -> Sweep:
     """Train and evaluate every variant at every k (first seed), and at `extra_seed_k` every seed.
 
     Args:
         variants: what to train.
         store: the `ActivationStore` to train on.
         ks: the k values.
-        evaluate: ``evaluate(sae, k) -> dict`` of metrics (must include ``l0``).
+        evaluate: ``evaluate(sae, k) -> list of rows`` (one per inference mode, e.g. from `each_mode`;
+            each with ``mode``, ``default`` and the metrics, which must include ``l0``).
         batch_size, epochs: training settings shared by all.
         seeds: seeds; all of them are used only at `extra_seed_k`.
 
     Returns:
-        One dict per trained SAE: label, k, seed, sae, history and the metrics.
+        A `Sweep`.
     """
-    rows = []
+    out, records = Sweep(pd.DataFrame()), []
     for v in variants:
         for k in ks:
             for seed in (seeds if k == extra_seed_k else seeds[:1]):
                 sae = v.build(k, seed)
                 hist = train(sae, store, batch_size=batch_size, epochs=epochs, seed=seed,
                              desc=f"{v.label} k={k} seed={seed}", **v.train_kw)
-                rows.append({"label": v.label, "k": k, "seed": seed, "sae": sae, "history": hist,
-                             **evaluate(sae, k)})
-    return rows
+                out.saes[v.label, k, seed], out.histories[v.label, k, seed] = sae, hist
+                records += [{"label": v.label, "k": k, "seed": seed, **row} for row in evaluate(sae, k)]
+    out.table = pd.DataFrame(records)
+    return out
 
 
-def matched_l0_gap(rows: list[dict], label: str, reference: str, key: str = "fvu") -> list[float]:
+def pick(table: pd.DataFrame, label: str, mode: str | None = None, **where) -> pd.DataFrame:
+    """Rows of one variant in one mode (None: its default mode), filtered further by ``column=value``."""
+    t = table[table["label"] == label]
+    t = t[t["default"]] if mode is None else t[t["mode"] == mode]
+    for col, value in where.items():
+        t = t[t[col] == value]
+    if t.empty:
+        raise ValueError(f"no rows for {label!r} in mode {mode or 'default'!r} with {where}")
+    return t
+
+
+def matched_l0_gap(table: pd.DataFrame, label: str, reference: str, key: str = "fvu", mode: str | None = None,
+                   ref_mode: str | None = None) -> list[float]:
     """log(metric of `label` / metric of `reference` interpolated at the variant's L0), seed 0, per k.
 
     The reference frontier is interpolated (extrapolated at the ends) linearly in log-log space;
-    negative means the variant is better.
+    negative means the variant is better. `mode` / `ref_mode`: the inference modes compared (None:
+    each dictionary's default).
     """
-    ref = sorted((r for r in rows if r["label"] == reference and r["seed"] == 0), key=lambda r: r["l0"])
+    ref = pick(table, reference, ref_mode, seed=0).sort_values("l0", kind="stable")
     if len(ref) < 2:
         raise ValueError(f"need the reference {reference!r} at two or more k to interpolate")
-    lx = np.log([r["l0"] for r in ref])
-    ly = np.log([r[key] for r in ref])
+    lx, ly = np.log(ref["l0"].to_numpy()), np.log(ref[key].to_numpy())
     gaps = []
-    for r in sorted((r for r in rows if r["label"] == label and r["seed"] == 0), key=lambda r: r["k"]):
+    for _, r in pick(table, label, mode, seed=0).sort_values("k", kind="stable").iterrows():
         l = np.log(max(r["l0"], 1e-9))
         if lx[0] <= l <= lx[-1]:
             y = np.interp(l, lx, ly)
@@ -75,23 +120,24 @@ def matched_l0_gap(rows: list[dict], label: str, reference: str, key: str = "fvu
     return gaps
 
 
-def seed_spread(rows: list[dict], label: str, k: int, key: str = "fvu") -> tuple[float, float, int]:
+def seed_spread(table: pd.DataFrame, label: str, k: int, key: str = "fvu", mode: str | None = None) -> tuple[float, float, int]:
     """(mean, sample standard deviation, count) of a metric over seeds at one k (sd is nan for one seed)."""
-    vals = [r[key] for r in rows if r["label"] == label and r["k"] == k]
+    vals = pick(table, label, mode, k=k)[key].to_numpy()
     return float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else float("nan"), len(vals)
 
 
-def decided_gap(rows: list[dict], label: str, reference: str, k: int, key: str = "fvu") -> tuple[list[float], bool | None, float]:
+def decided_gap(table: pd.DataFrame, label: str, reference: str, k: int, key: str = "fvu", mode: str | None = None,
+                ref_mode: str | None = None) -> tuple[list[float], bool | None, float]:
     """Is `label` better than `reference` on `key` at matched L0 at every k, beyond seed noise?
 
     Returns:
         (log gaps per k, verdict, noise) where noise = 2 × the larger relative seed sd of the two
         at `k`; the verdict is None when any gap is within the noise or the gaps disagree in sign.
     """
-    gaps = matched_l0_gap(rows, label, reference, key)
+    gaps = matched_l0_gap(table, label, reference, key, mode, ref_mode)
     noises = []
-    for lab in (label, reference):
-        mean, sd, n = seed_spread(rows, lab, k, key)
+    for lab, m in ((label, mode), (reference, ref_mode)):
+        mean, sd, n = seed_spread(table, lab, k, key, m)
         noises.append(2 * sd / abs(mean) if n > 1 else float("nan"))
     noise = float("nan") if any(np.isnan(noises)) else max(noises)
     if not np.isfinite(noise):

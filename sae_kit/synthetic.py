@@ -130,33 +130,6 @@ def absorption(W_dec: torch.Tensor, h: Hierarchy, assignment) -> float:
     return float(np.mean(vals))
 
 
-def recovery_benchmark(builders: dict, h: Hierarchy, seeds=(0, 1, 2), n_steps: int = 4000,
-                       batch_size: int = 256, lr: float = 1e-2, progress: bool = True) -> list[dict]:
-    """Train each dictionary ``builders[name](seed)`` on fresh samples of `h` and match it to the truth.
-
-    Returns one row per (method, seed): matched cosine overall and per group, the children's
-    parent absorption (`absorption`), FVU and L0 on held-out samples, and the trained SAE."""
-    from tqdm.auto import tqdm
-
-    from .config import bars_off
-    from .metrics import reconstruction_metrics
-    from .train import train
-
-    x, _ = h.sample(n_steps * batch_size)
-    x_test, _ = h.sample(8192, seed=h.seed + 2)
-    rows = []
-    jobs = [(name, s) for name in builders for s in seeds]
-    for name, s in tqdm(jobs, desc="synthetic hierarchy", disable=bars_off(progress)):
-        sae = builders[name](s)
-        train(sae, x, batch_size=batch_size, lr=lr, seed=s, progress=False)
-        m = match(sae.W_dec, h.features, h.groups)
-        r = reconstruction_metrics(sae, x_test)
-        rows.append({"method": name, "seed": s, "matched": m["mean"], **{g: m[g] for g in h.groups},
-                     "absorption": absorption(sae.W_dec, h, m["assignment"]), "fvu": r["fvu"], "l0": r["l0"],
-                     "match": m, "sae": sae})
-    return rows
-
-
 def digits(test_frac: float = 0.2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """scikit-learn's bundled 8×8 handwritten digits (1,797 images, no download), scaled to [0, 1].
 

@@ -21,8 +21,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .activations import ActivationStore
-from .config import bars_off
+from .config import bars_off, get_scale
 from .validate import integer, real
+
+_STAMPS = ("model_name", "hook_name", "store_key", "scale")  # provenance `train` writes into the config
 
 
 def default_lr(d_sae: int) -> float:
@@ -66,12 +68,11 @@ def check_fits(sae, store, force: bool = False, action: str = "use") -> None:
                          f"activations have width {spec.d_in} ({spec.hook}); build the SAE with d_in={spec.d_in}")
     if force:
         return
-    for field, have, want in (("hook_name", sae.cfg.hook_name, spec.hook), ("model_name", sae.cfg.model_name, spec.model)):
+    for what, have, want in (("hook", sae.cfg.hook_name, spec.hook), ("model", sae.cfg.model_name, spec.model)):
         if have and have != want:
             raise HookMismatchError(
-                f"this SAE was trained on {field.split('_')[0]} {have!r}, but the store holds {want!r}; {action} it "
-                f"on a store of {have!r}, or pass force=True if you mean to read it at another "
-                f"{field.split('_')[0]}")
+                f"this SAE was trained on {what} {have!r}, but the store holds {want!r}; {action} it on a store "
+                f"of {have!r}, or pass force=True if you mean to read it at another {what}")
 
 
 def train(sae, store, batch_size: int = 2048, epochs: int = 1, lr: float | None = None,
@@ -102,7 +103,8 @@ def train(sae, store, batch_size: int = 2048, epochs: int = 1, lr: float | None 
         force: train on a store from another hook / model than the one stamped in ``sae.cfg``.
 
     Returns:
-        The `History` of the run. Training stamps the store's model, hook and key into ``sae.cfg``.
+        The `History` of the run. Training on a store stamps its model, hook and key, and the
+        scale, into ``sae.cfg`` (saved with the SAE).
     """
     batch_size = integer("batch_size", batch_size, min=1, hint=" (tokens per step)")
     epochs = integer("epochs", epochs, min=1)
@@ -124,6 +126,7 @@ def train(sae, store, batch_size: int = 2048, epochs: int = 1, lr: float | None 
                          f"lower batch_size or give more tokens")
     if isinstance(store, ActivationStore):  # provenance: every trained SAE says where it came from
         sae.cfg.model_name, sae.cfg.hook_name, sae.cfg.store_key = store.spec.model, store.spec.hook, store.spec.key()
+        sae.cfg.scale = get_scale().name
     lr = default_lr(sae.cfg.d_sae) if lr is None else lr
     opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), eps=6.25e-10)
     warm, decay_at = max(1, int(warmup_frac * n_steps)), int((1 - decay_frac) * n_steps)
@@ -145,7 +148,7 @@ def train(sae, store, batch_size: int = 2048, epochs: int = 1, lr: float | None 
         sample = store.get("train", 8192) if isinstance(store, ActivationStore) else store[:8192]
         sae.init_b_dec(sample)
     sae.train()
-    bar = tqdm(total=n_steps, initial=start, desc=desc or f"train {sae.cfg.architecture} k={sae.cfg.k}",
+    bar = tqdm(total=n_steps, initial=start, desc=desc or f"train {sae.label}",
                disable=bars_off(progress))
     t0, seen = time.time(), (hist.tokens[-1] if hist.tokens else 0)
     for step, batch in enumerate(batches):
@@ -231,7 +234,7 @@ class Checkpoint:
         if self.path.is_dir():
             raise IsADirectoryError(f"checkpoint={self.path} is a folder; give a file path, e.g. {self.path / 'run.ckpt'}")
         h = hashlib.sha256()
-        cfg = {k: v for k, v in asdict(sae.cfg).items() if k not in ("model_name", "hook_name", "store_key")}
+        cfg = {k: v for k, v in asdict(sae.cfg).items() if k not in _STAMPS}
         h.update(json.dumps({"class": type(sae).__name__, "cfg": cfg, "args": args}, sort_keys=True,
                             default=str).encode())
         for t in sae.state_dict().values():  # the initial weights (and clocks)
@@ -322,12 +325,12 @@ def train_cached(sae, store, progress: bool = True, **train_kw):
     desc = {"store": store.spec.key(), "class": type(sae).__name__, "cfg": asdict(sae.cfg),
             "seed": getattr(sae, "init_seed", None), "train": {k: v for k, v in train_kw.items() if k != "desc"}}
     key = hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    path = cache_dir() / "saes" / f"{sae.cfg.architecture}-{sae.cfg.d_sae}-k{sae.cfg.k}-{key}"
+    path = cache_dir() / "saes" / f"{sae.label.replace(' ', '-').replace('=', '')}-{sae.cfg.d_sae}-{key}"
     if (path / "history.json").exists():
         loaded = load_sae(path, device=sae.device)
         hist = History(**json.loads((path / "history.json").read_text()))
         if progress:
-            print(f"loaded cached {sae.cfg.architecture} d_sae={sae.cfg.d_sae} k={sae.cfg.k} from {path.name}")
+            print(f"loaded cached {sae.label} d_sae={sae.cfg.d_sae} from {path.name}")
         return loaded, hist
     train_kw.setdefault("checkpoint", path.with_name(path.name + ".ckpt"))
     hist = train(sae, store, progress=progress, **train_kw)

@@ -23,7 +23,7 @@ import torch
 import sae_kit
 from sae_kit.activations import ActivationStore, StoreCorruptError, harvest
 from sae_kit.corpus import load_texts
-from sae_kit.saes import SAEConfig, load_sae, topk_sae
+from sae_kit.saes import TopKConfig, load_sae, topk_sae
 from sae_kit.train import HookMismatchError
 
 HOOK = "blocks.8.hook_resid_post"
@@ -171,7 +171,7 @@ CASES = [
     Case("k of zero", lambda e: topk_sae(576, 4608, 0), ValueError, ("k must satisfy",)),
     Case("k not a whole number", lambda e: topk_sae(576, 4608, 3.5), ValueError, ("k", "whole number")),
     Case("negative width", lambda e: topk_sae(576, -1, 8), ValueError, ("d_sae", "at least 1")),
-    Case("negative aux_coef", lambda e: SAEConfig(d_in=8, d_sae=32, k=4, aux_coef=-1), ValueError, ("aux_coef",)),
+    Case("negative aux_coef", lambda e: TopKConfig(d_in=8, d_sae=32, k=4, aux_coef=-1), ValueError, ("aux_coef",)),
     Case("NaN in encode's input", lambda e: e.sae().encode(torch.full((4, 576), float("nan"))), ValueError,
          ("nan or inf", "4 of 4 rows")),
     Case("Inf in encode's input", lambda e: e.sae().encode(torch.tensor([[float("inf")] * 576])), ValueError,
@@ -325,8 +325,8 @@ def test_evaluate_at_another_hook_runs_when_forced(small_store):
 def test_training_stamps_where_the_sae_came_from(small_store, tmp_path):
     sae = topk_sae(576, 1152, 8, seed=0)
     sae_kit.train(sae, small_store, batch_size=256, max_steps=2, progress=False)
-    assert (sae.cfg.hook_name, sae.cfg.model_name, sae.cfg.store_key) == (
-        small_store.spec.hook, small_store.spec.model, small_store.spec.key())
+    assert (sae.cfg.hook_name, sae.cfg.model_name, sae.cfg.store_key, sae.cfg.scale) == (
+        small_store.spec.hook, small_store.spec.model, small_store.spec.key(), "ci")
     loaded = load_sae(sae.save(tmp_path / "sae"))
     assert loaded.cfg.hook_name == HOOK and loaded.cfg.store_key == small_store.spec.key()
     cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())

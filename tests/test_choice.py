@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import sae_kit
-from sae_kit.saes import FeatureChoiceSAE, MutualChoiceSAE, capacities, choice_sae, fit_zipf, zipf_probs
+from sae_kit.saes import capacities, choice_sae, fit_zipf, zipf_probs
 
 # a hand-checkable 3-token x 4-feature affinity matrix
 PRE = torch.tensor([[9.0, 1.0, 0.5, 3.0],
@@ -16,9 +16,9 @@ def kept(mask):
 
 def test_mutual_choice_keeps_the_top_k_times_b_entries_of_the_batch():
     sae = choice_sae("mc", 2, 4, k=2)  # budget k*B = 6
-    keep = sae.batch_keep(PRE)
+    keep, cutoff = sae.batch_keep(PRE)
     assert kept(keep) == {(0, 0), (1, 0), (1, 1), (2, 0), (2, 1), (2, 2)}  # 9, 8, 7, 6, 5, 4
-    assert float(sae._cutoff) == 4.0
+    assert float(cutoff) == 4.0
     # token 0 gets 1 feature, token 2 gets 3: adaptive per-token L0, same total as TopK
     assert keep.sum(1).tolist() == [1, 2, 3]
 
@@ -26,14 +26,14 @@ def test_mutual_choice_keeps_the_top_k_times_b_entries_of_the_batch():
 def test_mutual_choice_ties_at_the_cut_off_fill_the_budget_exactly():
     sae = choice_sae("mc", 2, 4, k=1)
     pre = torch.tensor([[1.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
-    assert int(sae.batch_keep(pre).sum()) == 2
+    assert int(sae.batch_keep(pre)[0].sum()) == 2
 
 
 def test_feature_choice_uniform_keeps_each_features_top_m_tokens():
     sae = choice_sae("fc", 2, 4, k=2)  # k*B = 6 over 4 features: capacities 2,2,1,1 (rounded), sum 6
     m = sae.feature_capacities(3)
     assert int(m.sum()) == 6 and set(m.tolist()) <= {1, 2}
-    keep = sae.batch_keep(PRE)
+    keep, _ = sae.batch_keep(PRE)
     for j in range(4):
         col = PRE[:, j]
         top = set(col.topk(int(m[j])).indices.tolist())
@@ -73,14 +73,18 @@ def test_thresholds_encode_one_token_without_the_batch(rule, rng):
     x = torch.randn(256, 16, generator=rng) @ torch.randn(16, 16, generator=rng)
     sae = train_tiny(choice_sae(rule, 16, 48, k=4, seed=0), x)
     assert bool(sae.threshold_ready)
-    sae.inference = "threshold"
+    assert sae.mode == "threshold"  # the default
     z_all = sae.encode(x[:32])
     z_one = torch.cat([sae.encode(x[i:i + 1]) for i in range(32)])
     # batch-independent: same support, same values (up to BLAS rounding of a 1-row vs 32-row matmul)
     assert torch.equal(z_all > 0, z_one > 0) and torch.allclose(z_all, z_one, atol=1e-5)
     assert 0 < float((z_all > 0).sum(1).float().mean()) < 16
-    sae.inference = "batch"
-    assert float((sae.encode(x[:64]) > 0).sum()) <= 4 * 64
+    with sae.using("batch"):
+        assert float((sae.encode(x[:64]) > 0).sum()) <= 4 * 64
+        assert float((sae.encode(x[:64], k=2) > 0).sum()) <= 2 * 64  # an explicit budget
+    assert sae.mode == "threshold"  # restored after the block
+    with pytest.raises(ValueError, match="no budget"):
+        sae.encode(x[:4], k=2)
 
 
 def test_untrained_threshold_inference_is_a_clear_error():
@@ -91,14 +95,14 @@ def test_untrained_threshold_inference_is_a_clear_error():
 
 
 def test_aux_zipf_makes_under_used_features_eligible():
-    sae = choice_sae("mc", 4, 10, k=2, extra={"aux": "zipf", "tau": 0.5, "zipf_alpha": 1.0, "zipf_b": 0.0})
+    sae = choice_sae("mc", 4, 10, k=2, aux="zipf", tau=0.5, zipf_alpha=1.0, zipf_b=0.0)
     sae.density.copy_(torch.tensor([0.5, 0.4, 0.3, 0.2, 0.1, 0.09, 0.08, 0.07, 0.06, 0.0001]))
     expected = sae.zipf_expected_density()
     assert bool((expected[:-1] >= expected[1:]).all())
     under = sae.under_used()
     assert bool(under[-1]) and not bool(under[0])
     assert bool(sae.aux_eligible()[-1]) and not bool(sae.dead_mask().any())
-    plain = choice_sae("mc", 4, 10, k=2, extra={"aux": "auxk"})
+    plain = choice_sae("mc", 4, 10, k=2, aux="auxk")
     plain.density.copy_(sae.density)
     assert not bool(plain.aux_eligible().any())
 
@@ -107,13 +111,13 @@ def test_bad_rule_and_knobs_are_clear_errors():
     with pytest.raises(ValueError, match="'mc'"):
         choice_sae("xx", 4, 8, 2)
     with pytest.raises(ValueError, match="aux"):
-        choice_sae("mc", 4, 8, 2, extra={"aux": "l1"})
+        choice_sae("mc", 4, 8, 2, aux="l1")
 
 
 @pytest.mark.parametrize("rule", ["mc", "fc"])
 def test_choice_sae_round_trips_and_sae_lens_reads_it_as_jumprelu(rule, tmp_path, rng):
     x = torch.randn(256, 16, generator=rng)
-    sae = train_tiny(choice_sae(rule, 16, 48, k=4, seed=1, extra={"capacity": "zipf"} if rule == "fc" else {}), x)
+    sae = train_tiny(choice_sae(rule, 16, 48, k=4, seed=1, **({"capacity": "zipf"} if rule == "fc" else {})), x)
     path = sae.save(tmp_path / rule)
     again = sae_kit.load_sae(path)
     assert type(again) is type(sae) and torch.equal(again.threshold, sae.threshold)
@@ -129,7 +133,7 @@ def test_mutual_choice_fast_search_equals_the_full_search(rng):
     for skew in (0.0, 6.0):  # skewed: one token holds most of the big affinities -> full search path
         pre = torch.randn(16, 64, generator=rng)
         pre[0] += skew
-        keep = sae.batch_keep(pre)
+        keep, _ = sae.batch_keep(pre)
         top = pre.reshape(-1).topk(32).indices
         expect = torch.zeros(16 * 64, dtype=torch.bool)
         expect[top] = True

@@ -22,10 +22,10 @@ def test_selection_prefers_latents_that_matter_downstream_but_keeps_plain_values
         sae.b_enc.copy_(torch.tensor([1.0, 0.9, 0.1]))  # z = (1.0, 0.9, 0.1) for any x = 0
     x = torch.zeros(1, 2)
     g = torch.tensor([[0.0, 3.0]])  # only latent 1's direction moves the loss
-    sae.inference = "gradient"
-    z = sae.encode(x, g)
+    with sae.using("gradient"):
+        z = sae.encode(x, g)
     assert torch.nonzero(z[0]).flatten().tolist() == [1] and float(z[0, 1].detach()) == pytest.approx(0.9)
-    sae.inference = "topk"
+    assert sae.mode == "topk"
     assert torch.nonzero(sae.encode(x, g)[0]).flatten().tolist() == [0]  # plain TopK ignores g
 
 
@@ -42,9 +42,8 @@ def test_gradients_change_what_a_trained_gsae_keeps(grad_store):
     hist = sae_kit.train(sae, grad_store, batch_size=62, grads=True, progress=False)
     assert hist.fvu[-1] < hist.fvu[0]
     x, g = grad_store.get("eval", grads=True)
-    sae.inference = "gradient"
-    z_g = sae.encode(x, g)
-    sae.inference = "topk"
+    with sae.using("gradient"):
+        z_g = sae.encode(x, g)
     z_t = sae.encode(x)
     assert ((z_g > 0) != (z_t > 0)).any()
     assert (z_g > 0).sum(1).max() <= 8
@@ -59,7 +58,7 @@ def test_training_a_gsae_without_gradients_is_a_clear_error(small_store):
 def test_gsae_round_trips_and_reads_as_topk(tmp_path):
     sae = gradient_sae(8, 32, 4, beta=2.0, seed=1)
     again = sae_kit.load_sae(sae.save(tmp_path / "g"))
-    assert type(again).__name__ == "GradientSAE" and again.cfg.extra["beta"] == 2.0
+    assert type(again).__name__ == "GradientSAE" and again.cfg.beta == 2.0
     x = torch.randn(5, 8)
     assert torch.equal(again.encode(x), sae.encode(x))
 
@@ -69,9 +68,8 @@ def test_splice_with_gradient_selection(model, grad_store):
     sae_kit.train(sae, grad_store, batch_size=62, grads=True, progress=False)
     splicer = sae_kit.Splicer(model, grad_store, n_seqs=2, progress=False)
     _, g = grad_store.get("eval", grads=True)
-    sae.inference = "gradient"
-    with_g = splicer(sae, g=g)
-    sae.inference = "topk"
+    with sae.using("gradient"):
+        with_g = splicer(sae, g=g)
     plain = splicer(sae)
     assert with_g["ce_spliced"] != plain["ce_spliced"]
     with pytest.raises(ValueError, match="rows"):

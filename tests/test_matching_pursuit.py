@@ -6,7 +6,9 @@ import torch
 
 import sae_kit
 from sae_kit import synthetic
-from sae_kit.saes import coherence, fvu_by_steps, load_sae, mp_sae, relu_sae, residual_norms, topk_sae
+from sae_kit.metrics import coherence, fvu_by_budget
+from sae_kit.pursuit import residual_norms
+from sae_kit.saes import load_sae, mp_sae, relu_sae, topk_sae
 
 
 def plain_pursuit(x, D, b, steps):
@@ -72,11 +74,11 @@ def test_gradients_reach_atoms_and_bias_and_training_lowers_fvu(small_store):
 def test_more_inference_steps_never_hurt_mp_but_change_topk(small_store):
     x = small_store.get("eval")
     mp = trained_mp(small_store, k=8)
-    f = fvu_by_steps(mp, x, [2, 4, 8, 16, 32])
+    f = fvu_by_budget(mp, x, [2, 4, 8, 16, 32])
     assert all(b < a for a, b in zip(f, f[1:]))
     tk = topk_sae(576, 1152, 8, seed=0)
     sae_kit.train(tk, small_store, batch_size=128, progress=False, max_steps=5)
-    g = fvu_by_steps(tk, x, [8, 16])
+    g = fvu_by_budget(tk, x, [8, 16])
     assert g[0] != g[1]  # the TopK path really changes k
     assert tk.cfg.k == 8  # and restores it
 
@@ -86,7 +88,7 @@ def test_residual_threshold_gives_variable_l0(small_store):
     x = small_store.get("eval")[:300]
     norms = (x - sae.b_dec.detach()).norm(dim=1)
     thr = float(norms.median()) * 0.6
-    z = sae.encode(x, steps=64, threshold=thr)
+    z = sae.encode(x, k=64, threshold=thr)
     l0 = (z > 0).sum(1)
     assert l0.min() < l0.max()  # tokens stop at different steps
     resid = (x - sae.decode(z)).norm(dim=1)
@@ -123,7 +125,7 @@ def test_save_load_and_sae_lens_round_trip(tmp_path, small_store):
 def test_steps_must_be_positive():
     sae = mp_sae(8, 16, k=2)
     with pytest.raises(ValueError, match="steps"):
-        sae.encode(torch.zeros(2, 8), steps=0)
+        sae.encode(torch.zeros(2, 8), k=0)
 
 
 def test_coherence_of_orthonormal_and_duplicated_atoms():

@@ -3,8 +3,7 @@ import json
 import pytest
 import torch
 
-import sae_kit
-from sae_kit import metrics
+from sae_kit import metrics, splice
 from sae_kit.claims import Claims
 
 
@@ -26,11 +25,11 @@ def test_l0_density_dead_dense():
 
 
 def test_splice_identity_costs_nothing_and_zero_costs_a_lot(model, small_store):
-    out = metrics.splice_metrics(model, small_store, replace=lambda a: a, n_seqs=4, progress=False)
+    out = splice.splice_metrics(model, small_store, replace=lambda a: a, n_seqs=4, progress=False)
     assert out["delta_ce"] == pytest.approx(0.0, abs=1e-4) and out["kl"] == pytest.approx(0.0, abs=1e-4)
     assert out["ce_zero"] > out["ce_clean"] + 1.0
     assert out["ce_recovered"] == pytest.approx(1.0, abs=1e-4)
-    noisy = metrics.splice_metrics(model, small_store, replace=lambda a: a + 30 * torch.randn_like(a),
+    noisy = splice.splice_metrics(model, small_store, replace=lambda a: a + 30 * torch.randn_like(a),
                                    n_seqs=4, progress=False)
     assert noisy["delta_ce"] > 0.05 and noisy["kl"] > 0.05
 
@@ -60,7 +59,7 @@ def test_cached_splicer_matches_a_plain_full_forward(model, small_store):
     """The Splicer's shortcut (cached resid, start_at_layer) must equal splicing in a full forward pass."""
     noise = torch.randn(4, 62, 576, generator=torch.Generator().manual_seed(0)) * 20
     replace = lambda a: a + noise[: len(a)].to(a.dtype)
-    ours = metrics.Splicer(model, small_store, n_seqs=4, batch_seqs=4, progress=False)(replace=replace)
+    ours = splice.Splicer(model, small_store, n_seqs=4, batch_seqs=4, progress=False)(replace=replace)
     spec = small_store.spec
     toks = small_store.tokens[list(small_store.window_range("eval"))][:4].long()
     def hook(act, hook):

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from sae_kit import snmf, steering
+from sae_kit import concepts, snmf, steering
 from sae_kit.claims import bootstrap_ci
 from sae_kit.synthetic import match
 
@@ -63,23 +63,23 @@ def test_nan_and_wrong_shape_are_clear_errors():
 def test_purity_and_concept_shares_by_hand():
     labels = torch.tensor([0, 0, 1, 1, -1, 2])
     codes = torch.tensor([[5., 0, 0], [4, 0, 0], [0, 3, 0], [0, 2, 0], [1, 2.5, 0], [0, 0, 0]])
-    p = snmf.purity(codes, labels, n=2)
+    p = concepts.purity(codes, labels, n=2)
     assert p["label"].tolist() == [0, 1, -1]
     assert p["purity"].tolist() == [1.0, 0.5, 0.0]  # feature 1: tokens 2 (label 1) and 4 (neutral)
-    j, share = snmf.best_for_concept(codes, labels, 1, n=2)
+    j, share = concepts.best_for_concept(codes, labels, 1, n=2)
     assert (j, share) == (1, 0.5)
 
 
 def test_diff_means_by_hand():
     acts = torch.tensor([[1., 0], [3, 0], [0, 2], [0, 4]])
-    v = snmf.diff_means(acts, torch.tensor([0, 0, 1, -1]), 2)
+    v = concepts.diff_means(acts, torch.tensor([0, 0, 1, -1]), 2)
     assert torch.allclose(v[0], torch.tensor([2., -3]) / 13 ** 0.5)  # (2, 0) − (0, 3)
     with pytest.raises(ValueError, match="no tokens"):
-        snmf.diff_means(acts, torch.tensor([0, 0, 0, -1]), 2)
+        concepts.diff_means(acts, torch.tensor([0, 0, 0, -1]), 2)
 
 
 def test_concept_set_is_complete(tmp_path):
-    cs = snmf.ConceptSet.load()
+    cs = concepts.ConceptSet.load()
     assert len(cs.names) == 20
     for i, name in enumerate(cs.names):
         assert sum(1 for lab in cs.labels if lab == i) == 10
@@ -87,19 +87,19 @@ def test_concept_set_is_complete(tmp_path):
     assert cs.labels.count(-1) >= 20
     assert len(set(cs.sentences)) == len(cs.sentences)
     with pytest.raises(FileNotFoundError, match="concept file"):
-        snmf.ConceptSet.load(tmp_path / "missing.json")
+        concepts.ConceptSet.load(tmp_path / "missing.json")
 
 
 def test_concept_activations_on_the_real_model(model):
-    cs = snmf.ConceptSet(["a", "b"], {"a": [], "b": []}, ["The cat sat on the mat.", "Rain fell all day."], [0, 1])
-    acts = snmf.concept_activations(model, cs, 6)
+    cs = concepts.ConceptSet(["a", "b"], {"a": [], "b": []}, ["The cat sat on the mat.", "Rain fell all day."], [0, 1])
+    acts = concepts.concept_activations(model, cs, 6)
     n = sum(model.to_tokens(s, prepend_bos=False).shape[1] - 1 for s in cs.sentences)
     assert acts.acts.shape == (n, model.cfg.d_mlp)
     assert acts.labels.tolist().count(0) == model.to_tokens(cs.sentences[0], prepend_bos=False).shape[1] - 1
-    both = snmf.concept_activations(model, cs, [2, 6])
+    both = concepts.concept_activations(model, cs, [2, 6])
     assert torch.allclose(both[6].acts, acts.acts, atol=1e-5)
     with pytest.raises(ValueError, match="layer"):
-        snmf.concept_activations(model, cs, 99)
+        concepts.concept_activations(model, cs, 99)
 
 
 def test_steering_hits_the_kl_target_and_scores_are_bounded(model):

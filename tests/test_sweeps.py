@@ -1,28 +1,58 @@
 import math
 
+import pandas as pd
 import pytest
+import torch
 
+import sae_kit
 from sae_kit import sweeps
 
 
-def rows(label, pts, seed=0):
-    return [{"label": label, "k": k, "l0": l0, "fvu": f, "seed": seed} for k, l0, f in pts]
+def rows(label, pts, seed=0, mode="topk", default=True):
+    return [{"label": label, "k": k, "l0": l0, "fvu": f, "seed": seed, "mode": mode, "default": default}
+            for k, l0, f in pts]
+
+
+def T(*parts):
+    return pd.DataFrame([r for p in parts for r in p])
 
 
 def test_matched_l0_gap_interpolates_the_reference_frontier_in_log_log():
     ref = rows("ref", [(8, 8.0, 0.4), (32, 32.0, 0.1)])  # FVU ∝ L0^-1 on log-log
     var = rows("var", [(16, 16.0, 0.1)])  # reference at L0 16 is 0.2
-    assert sweeps.matched_l0_gap(ref + var, "var", "ref")[0] == pytest.approx(math.log(0.5))
+    assert sweeps.matched_l0_gap(T(ref, var), "var", "ref")[0] == pytest.approx(math.log(0.5))
     out = rows("out", [(64, 64.0, 0.05)])  # extrapolated reference: 0.05
-    assert sweeps.matched_l0_gap(ref + out, "out", "ref")[0] == pytest.approx(0.0, abs=1e-9)
+    assert sweeps.matched_l0_gap(T(ref, out), "out", "ref")[0] == pytest.approx(0.0, abs=1e-9)
 
 
 def test_decided_gap_needs_seeds_and_a_gap_beyond_their_noise():
     ref = rows("ref", [(8, 8.0, 0.4), (32, 32.0, 0.1)])
     better = rows("var", [(8, 8.0, 0.2), (32, 32.0, 0.05)])
-    assert sweeps.decided_gap(ref + better, "var", "ref", 32)[1] is None  # one seed: undecided
+    assert sweeps.decided_gap(T(ref, better), "var", "ref", 32)[1] is None  # one seed: undecided
     seeds = rows("ref", [(32, 32.0, 0.101)], seed=1) + rows("var", [(32, 32.0, 0.051)], seed=1)
-    gaps, held, noise = sweeps.decided_gap(ref + better + seeds, "var", "ref", 32)
+    gaps, held, noise = sweeps.decided_gap(T(ref, better, seeds), "var", "ref", 32)
     assert held is True and noise < 0.1
     noisy = rows("ref", [(32, 32.0, 0.3)], seed=1) + rows("var", [(32, 32.0, 0.051)], seed=1)
-    assert sweeps.decided_gap(ref + better + noisy, "var", "ref", 32)[1] is None
+    assert sweeps.decided_gap(T(ref, better, noisy), "var", "ref", 32)[1] is None
+
+
+def test_a_mode_is_compared_only_when_named():
+    ref = rows("ref", [(8, 8.0, 0.4), (32, 32.0, 0.1)])
+    var = rows("var", [(16, 16.0, 0.2)]) + rows("var", [(16, 16.0, 0.1)], mode="gradient", default=False)
+    assert sweeps.matched_l0_gap(T(ref, var), "var", "ref")[0] == pytest.approx(0.0, abs=1e-9)
+    assert sweeps.matched_l0_gap(T(ref, var), "var", "ref", mode="gradient")[0] == pytest.approx(math.log(0.5))
+    with pytest.raises(ValueError, match="no rows"):
+        sweeps.pick(T(ref, var), "var", mode="batch")
+
+
+def test_run_sweep_gives_one_row_per_mode(rng):
+    x = torch.randn(512, 8, generator=rng)
+    variants = [sweeps.Variant("TopK", lambda k, seed: sae_kit.topk_sae(8, 32, k, seed=seed)),
+                sweeps.Variant("MC", lambda k, seed: sae_kit.choice_sae("mc", 8, 32, k, seed=seed))]
+    evaluate = lambda sae, k: sweeps.each_mode(sae, lambda mode: {"l0": sae_kit.reconstruction_metrics(sae, x[:64])["l0"]})
+    sweep = sweeps.run_sweep(variants, x, (2, 4), evaluate, batch_size=64, epochs=1, seeds=(0, 1), extra_seed_k=4)
+    t = sweep.table
+    assert len(t) == 3 * 1 + 3 * 2  # TopK: k=2 seed 0, k=4 seeds 0-1, one mode; MC: the same in two modes
+    assert set(t[t.label == "MC"]["mode"]) == {"threshold", "batch"} and set(t[t.label == "TopK"]["mode"]) == {"topk"}
+    assert t.groupby(["label", "k", "seed"])["default"].sum().eq(1).all()  # one default row each
+    assert sweep.sae("MC", 4, 1).mode == "threshold"  # modes restored after evaluation

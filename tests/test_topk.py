@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import sae_kit
-from sae_kit.saes import SAEConfig, fvu, geometric_median, topk_sae
+from sae_kit.saes import TopKConfig, fvu_loss, geometric_median, topk_sae
 
 
 def dense_reference_loss(sae, x, k, k_aux):
@@ -16,7 +16,7 @@ def dense_reference_loss(sae, x, k, k_aux):
     e = (x - x_hat).detach()
     va, ia = pre.topk(k_aux, -1)
     e_hat = torch.zeros_like(pre).scatter(-1, ia, torch.relu(va)) @ sae.W_dec
-    return fvu(x, x_hat) + sae.cfg.aux_coef * fvu(e, e_hat)
+    return fvu_loss(x, x_hat) + sae.cfg.aux_coef * fvu_loss(e, e_hat)
 
 
 def test_sparse_backward_equals_dense_autograd(rng):
@@ -46,7 +46,7 @@ def test_topk_keeps_exactly_the_k_largest(rng):
 @pytest.mark.parametrize("k,d_sae", [(0, 10), (-1, 10), (10, 10), (11, 10)])
 def test_bad_k_is_a_clear_error(k, d_sae):
     with pytest.raises(ValueError, match="0 < k < d_sae"):
-        SAEConfig(d_in=4, d_sae=d_sae, k=k)
+        TopKConfig(d_in=4, d_sae=d_sae, k=k)
 
 
 def test_wrong_input_width_is_a_clear_error():

@@ -1,14 +1,16 @@
-"""Dictionaries behind one interface (`base.SAE`): encode, decode, forward, loss, save/load."""
+"""Dictionaries behind one contract (`base.SAE`): encode, decode, forward, loss, modes, save/load.
 
-from .base import SAE, SAEConfig, SparseCode, fvu, geometric_median, sparse_decode
+Each dictionary is one file with its config dataclass and a shorthand builder; defining the class
+registers it (`registry.REGISTRY`), which is how `load_sae` finds it again.
+"""
+
+from .base import SAE, SAEConfig, Selection, SparseCode, fvu_loss, geometric_median, sparse_decode
 from .io import load_sae, save_sae
-from .choice import FeatureChoiceSAE, MutualChoiceSAE, capacities, choice_sae, fit_zipf, zipf_probs
-from .gradient import GradientSAE, gradient_sae
-from .matching_pursuit import (MatchingPursuitSAE, coherence, fvu_by_steps, mp_sae, random_coherence,
-                               reconstruct_with, residual_norms)
-from .relu import ReluSAE, relu_sae
-from .topk import TopKSAE, topk_sae
-
-# class name -> class, for load_sae; each new dictionary file registers itself here
-REGISTRY: dict[str, type[SAE]] = {c.__name__: c for c in (SAE, TopKSAE, MutualChoiceSAE, FeatureChoiceSAE, GradientSAE,
-                                                           MatchingPursuitSAE, ReluSAE)}
+from .registry import REGISTRY
+from .topk import TopKConfig, TopKSAE, topk_sae
+from .choice import (ChoiceConfig, FeatureChoiceSAE, MutualChoiceSAE, capacities, choice_sae, fit_zipf,
+                     zipf_line, zipf_probs)
+from .gradient import GradientConfig, GradientSAE, gradient_sae
+from .matching_pursuit import MatchingPursuitSAE, MPConfig, mp_sae
+from .relu import ReluConfig, ReluSAE, relu_sae
+from .batch_topk import BatchTopKConfig, BatchTopKSAE, batch_topk_sae

@@ -1,20 +1,33 @@
-"""The one interface every dictionary shares, and the sparse kernels that make CPU training fast.
+"""The one contract every dictionary follows, and the sparse kernels that make CPU training fast.
 
-Every dictionary is an `SAE` with ``encode(x) -> z``, ``decode(z) -> x_hat``, ``forward(x) ->
-(x_hat, z)`` and ``loss(x, g=None) -> dict``. Parameters follow SAELens names and layouts:
-``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_in]`` (rows are unit-norm atoms),
-``b_dec [d_in]`` (subtracted before encoding, added after decoding).
+A dictionary is an `SAE`: ``encode(x) -> z``, ``decode(z) -> x_hat``, ``forward(x) -> (x_hat, z)``
+and ``loss(x, g=None) -> dict``, with a typed config (a dataclass per method, `config_class`).
+Parameters follow SAELens names and layouts: ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``,
+``W_dec [d_sae, d_in]`` (rows are unit-norm atoms), ``b_dec [d_in]`` (subtracted before encoding,
+added after decoding).
 
-A subclass says only *which* latents to keep (`select`); training then runs on the sparse code
-(rows, cols, vals): the decoder is an ``embedding_bag`` over the kept atoms (forward and backward),
-and the encoder's backward (`_GatherPre`) gathers only the kept encoder columns for ∂x.
+What a dictionary declares (class attributes, no side channels):
+- ``architecture``: its short name; ``config_class``: its config dataclass;
+- ``modes``: its inference modes, the first the default (``sae.mode``; switch for a block with
+  ``with sae.using("batch"):``); ``grad_modes``: the modes whose selection needs ∂CE/∂x;
+- ``budget``: what the sparsity budget ``k`` means for it (None: it has none). Every encode method
+  takes ``k=`` to run at another budget than the trained one;
+- ``saelens_architecture`` plus `saelens_cfg` / `saelens_tensors`: how it is saved for SAELens.
+Defining a subclass registers it (`registry.REGISTRY`), so `load_sae` can rebuild it by name.
+
+A TopK-family subclass says only *which* latents to keep (`select`); training then runs on the
+sparse code (rows, cols, vals): the decoder is an ``embedding_bag`` over the kept atoms (forward and
+backward), and the encoder's backward (`_GatherPre`) gathers only the kept encoder columns for ∂x.
+A dictionary with another encoder (matching pursuit) overrides `encode_sparse` instead.
 `benchmarks/bench_train_step.py` measures the step against plain dense autograd.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import contextlib
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -22,38 +35,38 @@ from torch import nn
 
 from ..validate import activations as _valid_activations
 from ..validate import integer, real
+from .registry import register
 
 
 @dataclass
 class SAEConfig:
-    d_in: int
-    d_sae: int
-    k: int = 32  # active latents per token (TopK), or the average per token (batch rules)
-    k_aux: int | None = None  # AuxK latents; None = d_in // 2 (Gao et al. App. B.1 heuristic)
-    aux_coef: float = 1 / 32  # Gao et al.'s AuxK weight
-    dead_tokens: int = 50_000  # a latent is dead after this many tokens without firing (Gao: 10M)
-    architecture: str = "topk"
+    """What every dictionary has. Each method's config adds its own knobs (and its budget `k`)."""
+
+    d_in: int  # width of the activations read
+    d_sae: int  # number of latents (atoms)
+    dead_tokens: int = 50_000  # a latent is dead after this many training tokens without firing (Gao: 10M)
+    aux_coef: float = 1 / 32  # weight of the auxiliary loss on dead latents (Gao et al.'s AuxK: 1/32)
+    k_aux: int | None = None  # latents the auxiliary loss may use per token; None = d_in // 2 (Gao App. B.1)
     model_name: str = ""  # stamped by `train` from the store: the model the SAE was trained on
     hook_name: str = ""  # stamped by `train`: the hook it reads (evaluate / Splicer refuse another)
     store_key: str = ""  # stamped by `train`: the activation store it was trained on
-    extra: dict = field(default_factory=dict)  # method-specific knobs, saved with the weights
+    scale: str = ""  # stamped by `train`: the kit's scale (SAE_KIT_SCALE) when it was trained
 
     def __post_init__(self):
         self.d_in = integer("d_in", self.d_in, min=1)
         self.d_sae = integer("d_sae", self.d_sae, min=1)
-        self.k = integer("k", self.k, hint=f" (active latents per token, 0 < k < d_sae={self.d_sae})")
         self.dead_tokens = integer("dead_tokens", self.dead_tokens, min=1)
         self.aux_coef = real("aux_coef", self.aux_coef, min=0)
-        if self.k_aux is not None:
-            self.k_aux = integer("k_aux", self.k_aux, min=1)
-        if not isinstance(self.extra, dict):
-            raise TypeError(f"extra must be a dict of method knobs, got {type(self.extra).__name__}")
-        # matching pursuit may run more steps than it has atoms (an atom can be picked again)
-        if self.k <= 0 or (self.k >= self.d_sae and self.architecture != "matching_pursuit"):
+        self.k_aux = self.d_in // 2 if self.k_aux is None else integer("k_aux", self.k_aux, min=1)
+        if hasattr(self, "k"):
+            self.k = integer("k", self.k, hint=f" (the sparsity budget, 0 < k < d_sae={self.d_sae})")
+            self.check_budget()
+
+    def check_budget(self) -> None:
+        """The budget must leave latents unused: 0 < k < d_sae (matching pursuit relaxes this)."""
+        if self.k <= 0 or self.k >= self.d_sae:
             raise ValueError(f"k must satisfy 0 < k < d_sae; got k={self.k}, d_sae={self.d_sae}. "
                              f"Pick a smaller k or a wider dictionary")
-        if self.k_aux is None:
-            self.k_aux = self.d_in // 2
 
 
 class _GatherPre(torch.autograd.Function):
@@ -95,6 +108,7 @@ class SparseCode:
     vals: torch.Tensor  # [nnz] float, ReLU'd (may hold zeros where fewer than k were positive)
     shape: tuple[int, int]  # (B, d_sae)
     pre: torch.Tensor | None = None  # [B, d_sae] pre-activations the selection saw (no grad)
+    cutoff: torch.Tensor | None = None  # a batch rule's selection cut-off, for `after_step` (no grad)
 
     def dense(self) -> torch.Tensor:
         """z [B, d_sae]; a latent kept twice for one token (matching pursuit) adds up."""
@@ -119,18 +133,49 @@ def sparse_decode(code: SparseCode, W_dec: torch.Tensor) -> torch.Tensor:
     return F.embedding_bag(code.cols, W_dec, offsets, mode="sum", per_sample_weights=code.vals)
 
 
-def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-    """Σ‖x − x̂‖² / Σ‖x − x̄‖² over the batch (Gao et al.'s normalised MSE)."""
+def fvu_loss(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """Σ‖x − x̂‖² / Σ‖x − x̄‖² over the batch (Gao et al.'s normalised MSE), as a differentiable tensor.
+
+    The training loss; `sae_kit.metrics.fvu` is the same quantity as a float64 number for reports."""
     return (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
 
 
+class Selection(NamedTuple):
+    """What `select` keeps: (row, col) pairs with rows sorted, and optionally the cut-off it used."""
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    cutoff: torch.Tensor | None = None
+
+
 class SAE(nn.Module):
-    """Base dictionary: TopK-style encoder/decoder with AuxK; subclasses override `select`."""
+    """A sparse dictionary: encoder, unit-norm decoder atoms, dead-latent clock, auxiliary loss.
+
+    Subclasses implement `select` (which pre-activations to keep) or override `encode_sparse`,
+    and declare the class attributes below. Construct with the method's config dataclass; the
+    caller's config is copied, never changed.
+    """
+
+    architecture: ClassVar[str] = ""  # short name (training bars, cache folder names)
+    config_class: ClassVar[type] = SAEConfig
+    modes: ClassVar[tuple[str, ...]] = ("default",)  # inference modes; the first is the default
+    grad_modes: ClassVar[frozenset] = frozenset()  # modes whose selection needs the gradient g
+    budget: ClassVar[str | None] = None  # what `k` means for this dictionary (None: no budget)
+    saelens_architecture: ClassVar[str] = "topk"  # the SAELens class whose inference matches `encode`
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        register(cls)
 
     def __init__(self, cfg: SAEConfig, seed: int = 0, device=None, dtype=torch.float32):
+        if not isinstance(cfg, self.config_class):
+            raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got "
+                            f"{type(cfg).__name__}; build it with the shorthand (e.g. sae_kit.topk_sae) "
+                            f"or {self.config_class.__name__}(d_in=..., d_sae=..., ...)")
         super().__init__()
-        self.cfg = cfg
+        self.cfg = replace(cfg)  # a copy: the caller's config is not touched
         self.init_seed = seed
+        self._mode = self.modes[0]
         gen = torch.Generator().manual_seed(seed)
         # tied init (Gao et al.): W_enc = W_decᵀ, atoms unit-norm; nn.Linear's uniform bound
         bound = 1 / cfg.d_in ** 0.5
@@ -143,37 +188,76 @@ class SAE(nn.Module):
         self.register_buffer("tokens_since_fired", torch.zeros(cfg.d_sae, dtype=torch.long, device=device))
         self.eval()  # inference mode unless `train` says otherwise (batch rules only apply in training)
 
+    # ---- inference modes ---------------------------------------------------------------------
+    @property
+    def mode(self) -> str:
+        """The inference mode `encode` uses outside training (one of `modes`)."""
+        return self._mode
+
+    @mode.setter
+    def mode(self, value: str) -> None:
+        if value not in self.modes:
+            raise ValueError(f"{type(self).__name__} has inference modes {', '.join(map(repr, self.modes))}; "
+                             f"got {value!r}")
+        self._mode = value
+
+    @contextlib.contextmanager
+    def using(self, mode: str):
+        """``with sae.using("batch"): ...`` runs the block in another inference mode, then restores it."""
+        old = self.mode
+        self.mode = mode
+        try:
+            yield self
+        finally:
+            self._mode = old
+
     # ---- the method-specific part ------------------------------------------------------------
-    def select(self, pre: torch.Tensor, g: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Which (row, col) entries of `pre` [B, d_sae] to keep; rows sorted. TopK by default."""
-        idx = pre.topk(self.cfg.k, dim=-1).indices  # [B, k]
-        rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(self.cfg.k)
-        return rows, idx.reshape(-1)
+    def select(self, pre: torch.Tensor, g: torch.Tensor | None = None, k: int | None = None) -> Selection:
+        """Which (row, col) entries of `pre` [B, d_sae] to keep (rows sorted), at budget `k`
+        (None: the trained budget)."""
+        raise NotImplementedError(f"{type(self).__name__} must define select() or override encode_sparse()")
 
     def after_step(self, pre: torch.Tensor, code: SparseCode) -> None:
         """Hook for per-step statistics (thresholds, densities); runs in training mode, no grad."""
+
+    def _budget(self, k: int | None) -> int | None:
+        """The budget to run at: the trained `cfg.k`, or an explicit `k` (None for a dictionary
+        without a budget, which refuses an explicit one)."""
+        if self.budget is None:
+            if k is not None:
+                raise ValueError(f"{type(self).__name__} has no sparsity budget; call it without k")
+            return None
+        if k is None:
+            return self.cfg.k
+        return integer("k", k, min=1, hint=f" ({self.budget})")
 
     # ---- the shared part ---------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
         return self.W_dec.device
 
+    @property
+    def label(self) -> str:
+        """A short description for progress bars and cache names, e.g. ``topk k=32``."""
+        k = getattr(self.cfg, "k", None)
+        return self.architecture + (f" k={k}" if k is not None else "")
+
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.b_dec) @ self.W_enc + self.b_enc
 
-    def encode_sparse(self, x: torch.Tensor, g: torch.Tensor | None = None) -> SparseCode:
+    def encode_sparse(self, x: torch.Tensor, g: torch.Tensor | None = None, k: int | None = None) -> SparseCode:
         """Select latents and return their values with the sparse backward attached."""
         x = _check_input(x, self.cfg.d_in, self.W_dec.dtype)
         x_c = x - self.b_dec
         with torch.no_grad():
             pre = x_c @ self.W_enc + self.b_enc
-            rows, cols = self.select(pre, g)
+            rows, cols, cutoff = self.select(pre, g, k)
         vals = F.relu(_GatherPre.apply(x_c, self.W_enc, self.b_enc, rows, cols, pre))
-        return SparseCode(rows, cols, vals, (x.shape[0], self.cfg.d_sae), pre)
+        return SparseCode(rows, cols, vals, (x.shape[0], self.cfg.d_sae), pre, cutoff)
 
-    def encode(self, x: torch.Tensor, g: torch.Tensor | None = None) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, g: torch.Tensor | None = None, k: int | None = None) -> torch.Tensor:
         """Dense latents z [B, d_sae]."""
-        return self.encode_sparse(x, g).dense()
+        return self.encode_sparse(x, g, k).dense()
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         if not isinstance(z, torch.Tensor) or z.ndim != 2 or z.shape[1] != self.cfg.d_sae:
@@ -181,12 +265,14 @@ class SAE(nn.Module):
             raise ValueError(f"decode expects latents z of shape [batch, {self.cfg.d_sae}], got {shape}")
         return z.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
 
-    def forward(self, x: torch.Tensor, g: torch.Tensor | None = None):
-        code = self.encode_sparse(x, g)
+    def forward(self, x: torch.Tensor, g: torch.Tensor | None = None, k: int | None = None):
+        """(x_hat, z)."""
+        code = self.encode_sparse(x, g, k)
         return sparse_decode(code, self.W_dec) + self.b_dec, code.dense()
 
-    def reconstruct(self, x: torch.Tensor, g: torch.Tensor | None = None) -> torch.Tensor:
-        return sparse_decode(self.encode_sparse(x, g), self.W_dec) + self.b_dec
+    def reconstruct(self, x: torch.Tensor, g: torch.Tensor | None = None, k: int | None = None) -> torch.Tensor:
+        """x_hat without building the dense z."""
+        return sparse_decode(self.encode_sparse(x, g, k), self.W_dec) + self.b_dec
 
     def dead_mask(self) -> torch.Tensor:
         return self.tokens_since_fired >= self.cfg.dead_tokens
@@ -196,7 +282,7 @@ class SAE(nn.Module):
         x = x.to(self.W_dec.dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
         code = self.encode_sparse(x, g)
         x_hat = sparse_decode(code, self.W_dec) + self.b_dec
-        main = fvu(x, x_hat)
+        main = fvu_loss(x, x_hat)
         aux = self.aux_loss(x, x_hat.detach(), code.pre)
         out = {"loss": main + self.cfg.aux_coef * aux + self.penalty(x, code), "fvu": main.detach(), "aux": aux.detach(),
                "l0": (code.vals > 0).sum().float() / x.shape[0]}
@@ -234,7 +320,7 @@ class SAE(nn.Module):
         vals = F.relu(_GatherPre.apply(x - self.b_dec, self.W_enc, self.b_enc, rows, cols, pre))
         e = x - x_hat
         e_hat = sparse_decode(SparseCode(rows, cols, vals, pre.shape), self.W_dec)
-        return fvu(e, e_hat).nan_to_num(0.0)
+        return fvu_loss(e, e_hat).nan_to_num(0.0)
 
     # ---- decoder geometry (Gao et al.) -------------------------------------------------------
     @torch.no_grad()
@@ -253,6 +339,14 @@ class SAE(nn.Module):
         self.b_dec.copy_(geometric_median(x.to(self.device, self.b_dec.dtype), iters))
 
     # ---- save / load in SAELens layout -------------------------------------------------------
+    def saelens_cfg(self) -> dict:
+        """Fields of SAELens's ``cfg.json`` this architecture needs beyond the common ones."""
+        return {}
+
+    def saelens_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors SAELens's architecture needs beyond W_enc/b_enc/W_dec/b_dec (e.g. thresholds)."""
+        return {}
+
     def save(self, path: str | Path) -> Path:
         """Write ``cfg.json`` + ``sae_weights.safetensors`` (SAELens layout), atomically."""
         from .io import save_sae
@@ -267,7 +361,7 @@ class SAE(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.cfg
-        return f"{c.architecture}: d_in={c.d_in}, d_sae={c.d_sae}, k={c.k}"
+        return f"{self.label}: d_in={c.d_in}, d_sae={c.d_sae}, mode={self.mode!r}"
 
 
 def _check_input(x: torch.Tensor, d_in: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -8,8 +8,8 @@ affinities (pre-activations), and the budget is k·B kept entries.
 - **Feature Choice** (FC): every feature (column) j keeps its own top m_j tokens, Σ m_j = k·B.
   A token may get zero features; a feature with m_j positive affinities can never be dead.
 
-The paper has no public code; these parts are the kit's reconstruction (METHODS §2.2), each a knob
-in ``SAEConfig.extra``:
+The paper has no public code; these parts are the kit's reconstruction (METHODS §2.2), each a
+field of `ChoiceConfig`:
 - FC capacities: ``capacity="uniform"`` (m_j = k·B/n) or ``"zipf"``: m_j ∝ (r_j + b)^−α for the
   feature's rank r_j by running density, (α, b) fitted on a trained TopK SAE's densities
   (`fit_zipf`). Capacities are clipped at B and rounded so they sum to exactly k·B.
@@ -20,19 +20,43 @@ in ``SAEConfig.extra``:
   shortfall weighting is not implemented.
 - Inference without the batch: a learned threshold θ, the EMA (``ema``) of each batch's selection
   cut-off — one global θ for MC (the k·B-th largest value, as BatchTopK does), one θ_j per
-  feature for FC (its m_j-th largest value). ``sae.inference = "threshold"`` (default) encodes
-  each token alone as z = pre·[pre > θ] (a JumpReLU; saved as SAELens ``"jumprelu"``);
-  ``"batch"`` applies the batch rule to whatever batch `encode` is given.
+  feature for FC (its m_j-th largest value). The ``"threshold"`` mode (default) encodes
+  each token alone as z = pre·[pre > θ] (a JumpReLU; saved as SAELens ``"jumprelu"``); the
+  ``"batch"`` mode (``with sae.using("batch"):``) applies the batch rule to whatever batch
+  `encode` is given, at the trained budget or ``k=``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from .base import SAE, SAEConfig
+from ..validate import real
+from .base import SAE, SAEConfig, Selection
 
-_DEFAULTS = {"capacity": "uniform", "zipf_alpha": 1.0, "zipf_b": 1.0, "aux": "auxk", "tau": 0.1,
-             "ema": 0.9, "density_decay": 0.98}
+
+@dataclass
+class ChoiceConfig(SAEConfig):
+    k: int = 32  # average latents per token: a batch of B tokens keeps k·B (token, latent) pairs
+    capacity: str = "uniform"  # Feature Choice: "uniform" (m_j = k·B/n) or "zipf" (m_j ∝ (rank + b)^−α)
+    zipf_alpha: float = 1.0  # α of the Zipf capacities and of aux_zipf's expected densities (`fit_zipf`)
+    zipf_b: float = 1.0  # b of the same law
+    aux: str = "auxk"  # auxiliary loss: "auxk" (dead latents), "zipf" (dead or under-used), "none"
+    tau: float = 0.1  # under-used: running density below tau × the Zipf-expected density
+    ema: float = 0.9  # EMA of the batch cut-off that becomes the inference threshold
+    density_decay: float = 0.98  # EMA decay of each latent's running density
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.aux not in ("auxk", "zipf", "none"):
+            raise ValueError(f"aux must be 'auxk', 'zipf' or 'none', got {self.aux!r}")
+        if self.capacity not in ("uniform", "zipf"):
+            raise ValueError(f"capacity must be 'uniform' or 'zipf', got {self.capacity!r}")
+        for name in ("tau", "ema", "density_decay"):
+            setattr(self, name, real(name, getattr(self, name), min=0, max=1))
+        if self.aux == "none":
+            self.aux_coef = 0.0
 
 
 def zipf_probs(n: int, alpha: float, b: float, device=None) -> torch.Tensor:
@@ -113,63 +137,60 @@ def fit_zipf(density: torch.Tensor, bs=(0.0, 1.0, 3.0, 10.0, 30.0, 100.0), head:
 class _ChoiceSAE(SAE):
     """Shared parts: running densities, learned thresholds, aux_zipf eligibility, inference modes."""
 
+    config_class = ChoiceConfig
+    modes = ("threshold", "batch")
+    budget = "average latents per token over the batch (batch mode)"
     saelens_architecture = "jumprelu"
     per_feature_threshold = False
 
-    def __init__(self, cfg: SAEConfig, seed: int = 0, device=None, dtype=torch.float32):
-        cfg.extra = {**_DEFAULTS, **cfg.extra}
-        if cfg.extra["aux"] not in ("auxk", "zipf", "none"):
-            raise ValueError(f"extra['aux'] must be 'auxk', 'zipf' or 'none', got {cfg.extra['aux']!r}")
-        if cfg.extra["capacity"] not in ("uniform", "zipf"):
-            raise ValueError(f"extra['capacity'] must be 'uniform' or 'zipf', got {cfg.extra['capacity']!r}")
+    def __init__(self, cfg: ChoiceConfig, seed: int = 0, device=None, dtype=torch.float32):
         super().__init__(cfg, seed=seed, device=device, dtype=dtype)
-        if cfg.extra["aux"] == "none":
-            cfg.aux_coef = 0.0
         n = cfg.d_sae
         self.register_buffer("density", torch.full((n,), cfg.k / n, device=device))
         self.register_buffer("threshold", torch.zeros(n if self.per_feature_threshold else 1, device=device))
         self.register_buffer("threshold_ready", torch.zeros((), dtype=torch.bool, device=device))
-        self.inference = "threshold"
 
-    def select(self, pre, g=None):
-        if self.training or self.inference == "batch":
-            keep = self.batch_keep(pre)
-        elif self.inference == "threshold":
+    def select(self, pre, g=None, k=None):
+        if self.training or self.mode == "batch":
+            keep, cutoff = self.batch_keep(pre, self._budget(k))
+        else:
+            if k is not None:
+                raise ValueError("threshold inference has no budget: each latent fires above its learned "
+                                 "threshold. Encode in batch mode for a budget: with sae.using('batch'): ...")
             if not bool(self.threshold_ready):
                 raise RuntimeError("threshold inference needs thresholds learned in training; train the SAE "
-                                   "first or set sae.inference = 'batch'")
-            keep = pre > self.threshold.clamp_min(0)
-        else:
-            raise ValueError(f"inference must be 'threshold' or 'batch', got {self.inference!r}")
+                                   "first or encode in batch mode (with sae.using('batch'): ...)")
+            keep, cutoff = pre > self.threshold.clamp_min(0), None
         rows, cols = keep.nonzero(as_tuple=True)  # row-major: rows come out sorted
-        return rows, cols
+        return Selection(rows, cols, cutoff)
 
-    def batch_keep(self, pre: torch.Tensor) -> torch.Tensor:
+    def batch_keep(self, pre: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keep mask [B, d_sae], the selection's cut-off) of the batch rule at budget `k` (None: cfg.k)."""
         raise NotImplementedError
 
     def zipf_expected_density(self) -> torch.Tensor:
         """k·p(rank) for each feature, ranked by its running density."""
-        e = self.cfg.extra
-        p = zipf_probs(self.cfg.d_sae, e["zipf_alpha"], e["zipf_b"], self.density.device)
+        c = self.cfg
+        p = zipf_probs(c.d_sae, c.zipf_alpha, c.zipf_b, self.density.device)
         ranks = torch.empty_like(self.density, dtype=torch.long)
         ranks[self.density.argsort(descending=True)] = torch.arange(self.cfg.d_sae, device=self.density.device)
         return (self.cfg.k * p[ranks]).clamp(max=1.0)
 
     def under_used(self) -> torch.Tensor:
-        return self.density < self.cfg.extra["tau"] * self.zipf_expected_density()
+        return self.density < self.cfg.tau * self.zipf_expected_density()
 
     def aux_eligible(self):
-        if self.cfg.extra["aux"] == "zipf":
+        if self.cfg.aux == "zipf":
             return self.dead_mask() | self.under_used()
         return self.dead_mask()
 
     def after_step(self, pre, code):
-        d = self.cfg.extra["density_decay"]
+        d = self.cfg.density_decay
         fired = torch.bincount(code.cols[code.vals > 0], minlength=self.cfg.d_sae).float() / pre.shape[0]
         self.density.mul_(d).add_((1 - d) * fired)
-        cut = self._cutoff.clamp_min(0)
+        cut = code.cutoff.clamp_min(0)
         if bool(self.threshold_ready):
-            self.threshold.mul_(self.cfg.extra["ema"]).add_((1 - self.cfg.extra["ema"]) * cut)
+            self.threshold.mul_(self.cfg.ema).add_((1 - self.cfg.ema) * cut)
         else:
             self.threshold.copy_(cut.expand_as(self.threshold))
             self.threshold_ready.fill_(True)
@@ -181,11 +202,14 @@ class _ChoiceSAE(SAE):
 class MutualChoiceSAE(_ChoiceSAE):
     """Keep the k·B largest pre-activations of the batch (= BatchTopK)."""
 
-    def batch_keep(self, pre):
-        budget = self.cfg.k * pre.shape[0]
+    architecture = "mc"
+
+    def batch_keep(self, pre, k=None):
+        k = self.cfg.k if k is None else k
+        budget = k * pre.shape[0]
         # the budget-th largest entry, searched among each row's top 4k first (exact unless some
         # row would keep more than 4k; then over the whole matrix)
-        cand = pre.topk(min(pre.shape[1], 4 * self.cfg.k), dim=1).values  # [B, 4k], descending
+        cand = pre.topk(min(pre.shape[1], 4 * k), dim=1).values  # [B, 4k], descending
         kth = cand.reshape(-1).kthvalue(cand.numel() - budget + 1).values
         if bool((cand[:, -1] > kth).any()):
             flat = pre.reshape(-1)
@@ -195,44 +219,45 @@ class MutualChoiceSAE(_ChoiceSAE):
         if short > 0:  # ties at the cut-off: take just enough of them
             tie = (pre == kth).reshape(-1).nonzero().flatten()[:short]
             keep.view(-1)[tie] = True
-        self._cutoff = kth.reshape(1)
-        return keep
+        return keep, kth.reshape(1)
 
 
 class FeatureChoiceSAE(_ChoiceSAE):
     """Each feature keeps its top m_j tokens of the batch; uniform or Zipf capacities."""
 
+    architecture = "fc"
     per_feature_threshold = True
 
-    def feature_capacities(self, batch: int) -> torch.Tensor:
-        n, e = self.cfg.d_sae, self.cfg.extra
-        if e["capacity"] == "uniform":
-            probs = torch.ones(n, device=self.density.device)
+    def feature_capacities(self, batch: int, k: int | None = None) -> torch.Tensor:
+        c = self.cfg
+        k = c.k if k is None else k
+        if c.capacity == "uniform":
+            probs = torch.ones(c.d_sae, device=self.density.device)
         else:  # by rank of running density
-            p = zipf_probs(n, e["zipf_alpha"], e["zipf_b"], self.density.device)
+            p = zipf_probs(c.d_sae, c.zipf_alpha, c.zipf_b, self.density.device)
             probs = torch.empty_like(p)
             probs[self.density.argsort(descending=True)] = p
-        return capacities(probs, self.cfg.k * batch, batch)
+        return capacities(probs, k * batch, batch)
 
-    def batch_keep(self, pre):
+    def batch_keep(self, pre, k=None):
         B = pre.shape[0]
-        m = self.feature_capacities(B)  # [n]
+        m = self.feature_capacities(B, k)  # [n]
         m_max = int(m.max())
         vals, idx = pre.topk(m_max, dim=0)  # [m_max, n], per feature, descending
         rank_ok = torch.arange(m_max, device=pre.device)[:, None] < m[None, :]
         keep = torch.zeros_like(pre, dtype=torch.bool).scatter_(0, idx, rank_ok)
         # cut-off per feature: its m_j-th largest value (features with m_j = 0 keep their threshold)
         kth = vals.gather(0, (m - 1).clamp_min(0)[None, :])[0]
-        self._cutoff = torch.where(m > 0, kth, self.threshold if bool(self.threshold_ready) else kth)
-        return keep
+        return keep, torch.where(m > 0, kth, self.threshold if bool(self.threshold_ready) else kth)
 
 
 def choice_sae(rule: str, d_in: int, d_sae: int, k: int, seed: int = 0, device=None, **cfg) -> _ChoiceSAE:
-    """Shorthand: ``choice_sae("mc", 576, 4608, 32, extra={"aux": "zipf"})``; rule is "mc" or "fc"."""
+    """Shorthand: ``choice_sae("mc", 576, 4608, 32, aux="zipf")``; rule is "mc" or "fc"; other
+    `ChoiceConfig` fields as keywords."""
     cls = {"mc": MutualChoiceSAE, "fc": FeatureChoiceSAE}.get(rule)
     if cls is None:
         raise ValueError(f"rule must be 'mc' (Mutual Choice) or 'fc' (Feature Choice), got {rule!r}")
-    return cls(SAEConfig(d_in=d_in, d_sae=d_sae, k=k, architecture=rule, **cfg), seed=seed, device=device)
+    return cls(ChoiceConfig(d_in=d_in, d_sae=d_sae, k=k, **cfg), seed=seed, device=device)
 
 
 def zipf_line(fit: dict, n: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,42 +16,53 @@ No public code exists; these are the kit's choices (METHODS §3.1, [recon]):
   |d_i · ĝ| averages 1 for every token and β is unitless;
 - g comes from the store (one backward pass per token at harvest, since it does not depend on
   the SAE); it is the gradient of the *summed* next-token CE of the window.
-At inference a user rarely has g (it needs labels and a backward pass), so `sae.inference` picks
-``"gradient"`` (needs g) or ``"topk"`` (plain TopK on the g-SAE's weights; the default, what a
-user would have).
+At inference a user rarely has g (it needs labels and a backward pass), so the g-SAE has two
+modes: ``"topk"`` (plain TopK on the g-SAE's weights; the default, what a user would have) and
+``"gradient"`` (needs g; ``with sae.using("gradient"): sae.encode(x, g)``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from .base import SAE, SAEConfig
+from ..validate import real
+from .base import Selection
+from .topk import TopKConfig, TopKSAE
 
 
-class GradientSAE(SAE):
-    """TopK with gradient-informed selection; ``extra={"beta": 1.0}``."""
+@dataclass
+class GradientConfig(TopKConfig):
+    beta: float = 1.0  # weight of the gradient term in the selection score (0 = TopK)
 
+    def __post_init__(self):
+        super().__post_init__()
+        self.beta = real("beta", self.beta, min=0)
+
+
+class GradientSAE(TopKSAE):
+    """TopK with gradient-informed selection. Modes: ``"topk"`` (default: plain TopK on these
+    weights, what a user has at inference) and ``"gradient"`` (needs g for every token)."""
+
+    architecture = "gsae"
+    config_class = GradientConfig
+    modes = ("topk", "gradient")
+    grad_modes = frozenset({"gradient"})
     saelens_architecture = "topk"  # what a user gets at inference: plain TopK on these weights
 
-    def __init__(self, cfg: SAEConfig, seed: int = 0, device=None, dtype=torch.float32):
-        cfg.extra = {"beta": 1.0, **cfg.extra}
-        if cfg.extra["beta"] < 0:
-            raise ValueError(f"beta must be ≥ 0, got {cfg.extra['beta']}")
-        super().__init__(cfg, seed=seed, device=device, dtype=dtype)
-        self.inference = "topk"
-
-    def select(self, pre, g=None):
-        use_g = self.training or self.inference == "gradient"
+    def select(self, pre, g=None, k=None):
+        use_g = self.training or self.mode == "gradient"
         if use_g and g is None:
             raise ValueError("g-SAE selection needs the gradient g of each token: train on a store "
-                             "harvested with with_grads=True (train(..., grads=True)), or set "
-                             "sae.inference = 'topk'")
-        if not use_g or self.cfg.extra["beta"] == 0:
-            return super().select(pre)
-        score = self.selection_score(pre, g)
-        idx = score.topk(self.cfg.k, dim=-1).indices
-        rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(self.cfg.k)
-        return rows, idx.reshape(-1)
+                             "harvested with with_grads=True (train(..., grads=True)), or encode in the "
+                             "'topk' mode (the default; `with sae.using('topk'):`)")
+        if not use_g or self.cfg.beta == 0:
+            return super().select(pre, k=k)
+        k = self._budget(k)
+        idx = self.selection_score(pre, g).topk(k, dim=-1).indices
+        rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(k)
+        return Selection(rows, idx.reshape(-1))
 
     @torch.no_grad()
     def selection_score(self, pre: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -59,11 +70,9 @@ class GradientSAE(SAE):
         z = pre.clamp_min(0)
         a = (g.to(pre.dtype) @ self.W_dec.t()).abs()  # [B, d_sae]: |d_i · g|
         a = a / a.mean(1, keepdim=True).clamp_min(1e-12)
-        return z * (1 + self.cfg.extra["beta"] * a)
+        return z * (1 + self.cfg.beta * a)
 
 
 def gradient_sae(d_in: int, d_sae: int, k: int, beta: float = 1.0, seed: int = 0, device=None, **cfg) -> GradientSAE:
     """Shorthand: ``gradient_sae(576, 4608, 32, beta=1.0)``."""
-    extra = {**cfg.pop("extra", {}), "beta": beta}
-    return GradientSAE(SAEConfig(d_in=d_in, d_sae=d_sae, k=k, architecture="gsae", extra=extra, **cfg),
-                       seed=seed, device=device)
+    return GradientSAE(GradientConfig(d_in=d_in, d_sae=d_sae, k=k, beta=beta, **cfg), seed=seed, device=device)

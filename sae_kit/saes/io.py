@@ -10,13 +10,12 @@ holds anything but a saved SAE is never written into (see `sae_kit.fsutil`).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
-import torch
 
 from ..fsutil import claim_dir, locked, recover_stale, replace_dir, temp_sibling
-from .base import SAE, SAEConfig
+from .registry import REGISTRY
 
 _WEIGHTS, _CFG = "sae_weights.safetensors", "cfg.json"
 _STATE = "sae_kit_state.safetensors"
@@ -25,34 +24,29 @@ _CORE = ("W_enc", "b_enc", "W_dec", "b_dec")  # SAELens's tensors (a tied SAE ha
 SAE_FILES = {_CFG, _WEIGHTS, _STATE, "history.json"}
 
 
-def saelens_architecture(sae: SAE) -> str:
-    """The SAELens architecture whose inference matches this SAE's `encode` (plain TopK)."""
-    return getattr(sae, "saelens_architecture", "topk")
-
-
-def save_sae(sae: SAE, path: str | Path) -> Path:
+def save_sae(sae, path: str | Path) -> Path:
     path = Path(path)
     with locked(path, "the saved SAE", beside=False):  # two saves to one path: one after the other
         return _save_locked(sae, path)
 
 
-def _save_locked(sae: SAE, path: Path) -> Path:
+def _save_locked(sae, path: Path) -> Path:
     from safetensors.torch import save_file
 
     recover_stale(path)
     claim_dir(path, "a saved SAE", markers={_CFG, _WEIGHTS}, allowed=SAE_FILES)
     tmp = temp_sibling(path)
     tensors = {n: p.detach().cpu().contiguous() for n, p in sae.state_dict().items()}
-    extra = tensors_for_saelens(sae)
+    extra = {n: t.detach().cpu().contiguous() for n, t in sae.saelens_tensors().items()}
     save_file({**{n: tensors[n] for n in _CORE if n in tensors}, **extra}, str(tmp / _WEIGHTS))
     kit_state = {n: t for n, t in tensors.items() if n not in _CORE}
     save_file(kit_state, str(tmp / _STATE))
     c = sae.cfg
     cfg = {
-        "architecture": saelens_architecture(sae), "d_in": c.d_in, "d_sae": c.d_sae, "k": c.k,
+        "architecture": sae.saelens_architecture, "d_in": c.d_in, "d_sae": c.d_sae,
         "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
         "normalize_activations": "none", "reshape_activations": "none",
-        **(sae.saelens_cfg() if hasattr(sae, "saelens_cfg") else {}),
+        **sae.saelens_cfg(),
         "metadata": {"model_name": c.model_name, "hook_name": c.hook_name,
                      "sae_kit": {"class": type(sae).__name__, "cfg": asdict(c)}},
     }
@@ -61,17 +55,9 @@ def _save_locked(sae: SAE, path: Path) -> Path:
     return path
 
 
-def tensors_for_saelens(sae: SAE) -> dict[str, torch.Tensor]:
-    """Extra tensors SAELens's architecture needs (e.g. JumpReLU thresholds); none for TopK."""
-    fn = getattr(sae, "saelens_tensors", None)
-    return {n: t.detach().cpu().contiguous() for n, t in (fn() if fn else {}).items()}
-
-
-def load_sae(path: str | Path, device=None) -> SAE:
+def load_sae(path: str | Path, device=None):
     """Load a dictionary written by `save_sae` back into its own class."""
     from safetensors.torch import load_file
-
-    from . import REGISTRY
 
     path = Path(path)
     recover_stale(path)  # a save killed between its two renames: put the previous version back
@@ -89,7 +75,7 @@ def load_sae(path: str | Path, device=None) -> SAE:
         raise ValueError(f"{path / _CFG} names the dictionary class {meta.get('class')!r}, which this sae_kit "
                          f"does not know (known: {', '.join(sorted(REGISTRY))}); upgrade sae_kit or re-save the SAE")
     try:
-        sae = cls(SAEConfig(**meta["cfg"]), device=device)
+        sae = cls(cls.config_class(**_upgrade(cls, meta["cfg"])), device=device)
     except (TypeError, KeyError, ValueError) as e:
         raise ValueError(f"{path / _CFG} holds a config this sae_kit cannot build ({e})") from None
     state = {}
@@ -109,3 +95,15 @@ def load_sae(path: str | Path, device=None) -> SAE:
                          f"d_sae={sae.cfg.d_sae}: {str(e).splitlines()[0]} ...") from None
     sae.eval()
     return sae.to(device) if device is not None else sae
+
+
+def _upgrade(cls, cfg: dict) -> dict:
+    """A config saved by an earlier sae_kit (one `SAEConfig` with an ``extra`` dict of method knobs
+    and an ``architecture`` string) as the fields of the class's own config dataclass."""
+    cfg = dict(cfg)
+    if "extra" in cfg or "architecture" in cfg:
+        cfg.pop("architecture", None)
+        cfg.update(cfg.pop("extra", None) or {})
+        known = {f.name for f in fields(cls.config_class)}
+        cfg = {n: v for n, v in cfg.items() if n in known}  # e.g. the unused k of a ReLU SAE
+    return cfg

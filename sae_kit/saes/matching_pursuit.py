@@ -23,23 +23,46 @@ tokens, each pursuit step may only pick from a random ``1 − dropout`` share of
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from .base import SAE, SAEConfig, SparseCode, _check_input, fvu, sparse_decode
+from ..validate import integer, real
+from .base import SAE, SAEConfig, SparseCode, _check_input, fvu_loss, sparse_decode
+
+
+@dataclass
+class MPConfig(SAEConfig):
+    k: int = 32  # pursuit steps per token in training (an atom may be picked again, so L0 ≤ k)
+    aux_coef: float = 0.0  # no auxiliary loss (atom dropout is the authors' remedy for dead atoms)
+    dropout: float = 0.75  # share of atoms hidden at each pursuit step while dropout lasts
+    dropout_tokens: int = 0  # training tokens during which atom dropout is on (0 = off)
+    residual_threshold: float = 0.0  # inference stops for a token once ‖r‖ falls below it (0 = k steps)
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.dropout = real("dropout", self.dropout, min=0, max=1)
+        self.dropout_tokens = integer("dropout_tokens", self.dropout_tokens, min=0)
+        self.residual_threshold = real("residual_threshold", self.residual_threshold, min=0)
+
+    def check_budget(self) -> None:
+        """Any number of steps ≥ 1: pursuit may run more steps than it has atoms."""
+        if self.k <= 0:
+            raise ValueError(f"k (pursuit steps) must be at least 1, got {self.k}")
 
 
 class MatchingPursuitSAE(SAE):
-    """Tied dictionary encoded by non-negative matching pursuit. ``cfg.k`` = training steps.
+    """Tied dictionary encoded by non-negative matching pursuit; its budget `k` is the number of
+    pursuit steps (`MPConfig` has the dropout and residual-threshold knobs)."""
 
-    Knobs in ``cfg.extra``: ``dropout`` (share of atoms hidden per step early in training, default
-    0.75), ``dropout_tokens`` (how many training tokens dropout lasts, default 0 = off),
-    ``residual_threshold`` (inference stops for a token once ‖r‖ falls below it; 0 = fixed steps).
-    """
-
+    architecture = "matching_pursuit"
+    config_class = MPConfig
+    modes = ("pursuit",)
+    budget = "pursuit steps per token"
     saelens_architecture = "matching_pursuit"
 
-    def __init__(self, cfg: SAEConfig, seed: int = 0, device=None, dtype=torch.float32):
+    def __init__(self, cfg: MPConfig, seed: int = 0, device=None, dtype=torch.float32):
         super().__init__(cfg, seed=seed, device=device, dtype=dtype)
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long, device=device))
         self._gen = torch.Generator().manual_seed(seed + 1)
@@ -99,14 +122,12 @@ class MatchingPursuitSAE(SAE):
     def pursue(self, x: torch.Tensor, steps: int | None = None, threshold: float | None = None) -> SparseCode:
         """Run the pursuit on x [B, d_in]; the values carry gradients to the atoms and b_dec."""
         x = _check_input(x, self.cfg.d_in, self.W_dec.dtype)
-        steps = self.cfg.k if steps is None else int(steps)
-        if steps < 1:
-            raise ValueError(f"steps must be at least 1, got {steps}")
-        threshold = self.cfg.extra.get("residual_threshold", 0.0) if threshold is None else float(threshold)
+        steps = self._budget(steps)
+        threshold = self.cfg.residual_threshold if threshold is None else real("threshold", threshold, min=0)
         r = x - self.b_dec
         dropout = 0.0
-        if self.training and int(self.tokens_seen) < self.cfg.extra.get("dropout_tokens", 0):
-            dropout = self.cfg.extra.get("dropout", 0.75)
+        if self.training and int(self.tokens_seen) < self.cfg.dropout_tokens:
+            dropout = self.cfg.dropout
         idx, v_nograd = self.choose(r.detach(), steps, threshold, dropout)
         if torch.is_grad_enabled() and (self.W_dec.requires_grad or x.requires_grad):
             live = (v_nograd > 0).to(r.dtype)  # the steps (and tokens) the pursuit actually took
@@ -128,18 +149,20 @@ class MatchingPursuitSAE(SAE):
         """Correlations of the first pursuit step, ⟨x − b_dec, d_i⟩."""
         return (x - self.b_dec) @ self.W_dec.t()
 
-    def encode_sparse(self, x, g=None, steps: int | None = None, threshold: float | None = None) -> SparseCode:
-        return self.pursue(x, steps, threshold)
+    def encode_sparse(self, x, g=None, k: int | None = None, threshold: float | None = None) -> SparseCode:
+        """The pursuit's code; `k` steps (default the trained `cfg.k`), stopping a token early once
+        its residual norm falls below `threshold` (default `cfg.residual_threshold`)."""
+        return self.pursue(x, k, threshold)
 
-    def encode(self, x, g=None, steps: int | None = None, threshold: float | None = None) -> torch.Tensor:
-        return self.pursue(x, steps, threshold).dense()
+    def encode(self, x, g=None, k: int | None = None, threshold: float | None = None) -> torch.Tensor:
+        return self.pursue(x, k, threshold).dense()
 
-    def forward(self, x, g=None, steps: int | None = None, threshold: float | None = None):
-        code = self.pursue(x, steps, threshold)
+    def forward(self, x, g=None, k: int | None = None, threshold: float | None = None):
+        code = self.pursue(x, k, threshold)
         return self._decode_code(code), code.dense()
 
-    def reconstruct(self, x, g=None, steps: int | None = None, threshold: float | None = None):
-        return self._decode_code(self.pursue(x, steps, threshold))
+    def reconstruct(self, x, g=None, k: int | None = None, threshold: float | None = None):
+        return self._decode_code(self.pursue(x, k, threshold))
 
     def _decode_code(self, code: SparseCode) -> torch.Tensor:
         return sparse_decode(code, self.W_dec) + self.b_dec
@@ -148,7 +171,7 @@ class MatchingPursuitSAE(SAE):
         """FVU of the k-step reconstruction (no sparsity penalty: k sets it)."""
         code = self.pursue(x)
         x_hat = self._decode_code(code)
-        main = fvu(x, x_hat)
+        main = fvu_loss(x, x_hat)
         out = {"loss": main, "fvu": main.detach(), "aux": torch.zeros(()),
                "l0": code.l0_per_token().float().mean()}
         if self.training:
@@ -159,78 +182,10 @@ class MatchingPursuitSAE(SAE):
 
     def saelens_cfg(self) -> dict:
         """SAELens ``matching_pursuit`` settings that reproduce this SAE's default inference."""
-        return {"residual_threshold": float(self.cfg.extra.get("residual_threshold", 0.0)),
+        return {"k": self.cfg.k, "residual_threshold": float(self.cfg.residual_threshold),
                 "max_iterations": self.cfg.k, "stop_on_duplicate_support": False}
 
 
-def mp_sae(d_in: int, d_sae: int, k: int, seed: int = 0, device=None, dropout: float = 0.75,
-           dropout_tokens: int = 0, residual_threshold: float = 0.0, **cfg) -> MatchingPursuitSAE:
-    """Shorthand: ``mp_sae(576, 4608, 32, dropout_tokens=200_000)``."""
-    extra = {"dropout": dropout, "dropout_tokens": int(dropout_tokens), "residual_threshold": residual_threshold}
-    extra.update(cfg.pop("extra", {}))
-    return MatchingPursuitSAE(SAEConfig(d_in=d_in, d_sae=d_sae, k=k, architecture="matching_pursuit",
-                                        aux_coef=0.0, extra=extra, **cfg), seed=seed, device=device)
-
-
-# ---- analysis helpers (any dictionary) --------------------------------------------------------
-@torch.no_grad()
-def residual_norms(sae: MatchingPursuitSAE, x: torch.Tensor, steps: int) -> torch.Tensor:
-    """‖r_t‖ for t = 0..steps, per token, [B, steps + 1], replaying the chosen atoms exactly."""
-    code = sae.pursue(x.to(sae.device), steps, threshold=0.0)
-    B = x.shape[0]
-    idx, vals = code.cols.view(B, steps), code.vals.view(B, steps)
-    r = x.to(sae.device) - sae.b_dec
-    out = [r.norm(dim=1)]
-    for t in range(steps):
-        r = r - vals[:, t:t + 1] * sae.W_dec[idx[:, t]]
-        out.append(r.norm(dim=1))
-    return torch.stack(out, 1).cpu()
-
-
-@torch.no_grad()
-def reconstruct_with(sae: SAE, x: torch.Tensor, latents: int) -> torch.Tensor:
-    """Reconstruct x keeping `latents` latents per token: matching pursuit runs that many steps;
-    any other SAE keeps its top `latents` pre-activations (a TopK at a k it was not trained for)."""
-    from dataclasses import replace
-
-    x = x.to(sae.device)
-    if isinstance(sae, MatchingPursuitSAE):
-        return sae.reconstruct(x, steps=latents)
-    cfg = sae.cfg
-    sae.cfg = replace(cfg, k=int(latents))
-    try:
-        return sae.reconstruct(x)
-    finally:
-        sae.cfg = cfg
-
-
-@torch.no_grad()
-def fvu_by_steps(sae: SAE, x: torch.Tensor, steps: list[int], batch_size: int = 4096) -> list[float]:
-    """FVU of `sae` on x when inference keeps `s` latents per token, for each s in `steps`
-    (see `reconstruct_with`)."""
-    from ..metrics import fvu as fvu_metric
-
-    return [fvu_metric(x, torch.cat([reconstruct_with(sae, x[i:i + batch_size], s).cpu()
-                                     for i in range(0, len(x), batch_size)])) for s in steps]
-
-
-@torch.no_grad()
-def coherence(W_dec: torch.Tensor, chunk: int = 4096) -> dict:
-    """How far atoms are from orthogonal: for each atom its largest |cos| with any other atom.
-
-    Returns ``{"mean_max": ..., "max_cos": tensor [d_sae]}``; a random unit-norm dictionary of the
-    same shape is the natural reference (`random_coherence`)."""
-    W = F.normalize(W_dec.detach().float(), dim=1)
-    best = []
-    for i in range(0, len(W), chunk):
-        c = (W[i:i + chunk] @ W.t()).abs()
-        c[torch.arange(len(c)), torch.arange(i, i + len(c))] = 0
-        best.append(c.max(1).values)
-    m = torch.cat(best).cpu()
-    return {"mean_max": float(m.mean()), "max_cos": m}
-
-
-def random_coherence(d_sae: int, d_in: int, seed: int = 0) -> float:
-    """`coherence` of random Gaussian atoms of the same shape (the quasi-orthogonal baseline)."""
-    gen = torch.Generator().manual_seed(seed)
-    return coherence(torch.randn(d_sae, d_in, generator=gen))["mean_max"]
+def mp_sae(d_in: int, d_sae: int, k: int, seed: int = 0, device=None, **cfg) -> MatchingPursuitSAE:
+    """Shorthand: ``mp_sae(576, 4608, 32, dropout_tokens=200_000)``; other `MPConfig` fields as keywords."""
+    return MatchingPursuitSAE(MPConfig(d_in=d_in, d_sae=d_sae, k=k, **cfg), seed=seed, device=device)

@@ -10,34 +10,42 @@ its code is dense in practice, so it is not meant for wide dictionaries on CPU.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from .base import SAE, SAEConfig
+from ..validate import real
+from .base import SAE, SAEConfig, Selection
+
+
+@dataclass
+class ReluConfig(SAEConfig):
+    l1_coef: float = 0.1  # weight of the unitless L1 penalty (sets the sparsity; there is no k)
+    aux_coef: float = 0.0  # no auxiliary loss: the penalty, not a budget, decides what fires
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.l1_coef = real("l1_coef", self.l1_coef, min=0)
 
 
 class ReluSAE(SAE):
-    """ReLU + L1. ``cfg.k`` is unused by the encoder (kept for the interface); ``extra={"l1_coef": 0.1}``."""
+    """ReLU + L1: every latent with a positive pre-activation is kept; no sparsity budget."""
 
+    architecture = "relu"
+    config_class = ReluConfig
+    modes = ("relu",)
     saelens_architecture = "standard"
 
-    def __init__(self, cfg: SAEConfig, seed: int = 0, device=None, dtype=torch.float32):
-        cfg.extra = {"l1_coef": 0.1, **cfg.extra}
-        if cfg.extra["l1_coef"] < 0:
-            raise ValueError(f"l1_coef must be ≥ 0, got {cfg.extra['l1_coef']}")
-        super().__init__(cfg, seed=seed, device=device, dtype=dtype)
-
-    def select(self, pre, g=None):
+    def select(self, pre, g=None, k=None):
+        self._budget(k)  # a clear error if a budget is asked for
         rows, cols = (pre > 0).nonzero(as_tuple=True)  # row-major, so rows come sorted
-        return rows, cols
+        return Selection(rows, cols)
 
     def penalty(self, x: torch.Tensor, code) -> torch.Tensor:
         scale = (x - x.mean(0)).pow(2).sum(1).mean().sqrt().clamp_min(1e-8)
-        return self.cfg.extra["l1_coef"] * code.vals.sum() / x.shape[0] / scale
+        return self.cfg.l1_coef * code.vals.sum() / x.shape[0] / scale
 
 
 def relu_sae(d_in: int, d_sae: int, l1_coef: float = 0.1, seed: int = 0, device=None, **cfg) -> ReluSAE:
-    """Shorthand: ``relu_sae(20, 20, l1_coef=0.1)`` (AuxK off: the penalty, not k, sets sparsity)."""
-    extra = {"l1_coef": l1_coef, **cfg.pop("extra", {})}
-    cfg.setdefault("k", 1)
-    return ReluSAE(SAEConfig(d_in=d_in, d_sae=d_sae, architecture="relu", aux_coef=0.0, extra=extra, **cfg),
-                   seed=seed, device=device)
+    """Shorthand: ``relu_sae(20, 20, l1_coef=0.1)``."""
+    return ReluSAE(ReluConfig(d_in=d_in, d_sae=d_sae, l1_coef=l1_coef, **cfg), seed=seed, device=device)

@@ -4,20 +4,42 @@ Implements: TopK activation (top-k pre-activations, ReLU after the top-k), tied 
 (W_enc = W_decᵀ), unit-norm decoder rows with the gradient's parallel component removed, geometric-
 median ``b_dec``, and AuxK: the top ``k_aux`` pre-activations among *dead* latents reconstruct the
 detached residual, weighted 1/32. The main loss is the FVU (MSE over the variance of the batch),
-which is Gao et al.'s normalised MSE. All of that lives in `base.SAE`; TopK is its default `select`.
+which is Gao et al.'s normalised MSE. The shared parts live in `base.SAE`; TopK adds its `select`.
 """
 
 from __future__ import annotations
 
-from .base import SAE, SAEConfig
+from dataclasses import dataclass
+
+import torch
+
+from .base import SAE, SAEConfig, Selection
+
+
+@dataclass
+class TopKConfig(SAEConfig):
+    k: int = 32  # latents kept per token
 
 
 class TopKSAE(SAE):
     """Each token keeps its own k largest pre-activations. ``aux_coef=0`` turns AuxK off."""
 
+    architecture = "topk"
+    config_class = TopKConfig
+    modes = ("topk",)
+    budget = "latents kept per token"
     saelens_architecture = "topk"
+
+    def select(self, pre, g=None, k=None):
+        k = self._budget(k)
+        idx = pre.topk(k, dim=-1).indices  # [B, k]
+        rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(k)
+        return Selection(rows, idx.reshape(-1))
+
+    def saelens_cfg(self) -> dict:
+        return {"k": self.cfg.k}
 
 
 def topk_sae(d_in: int, d_sae: int, k: int, seed: int = 0, device=None, **cfg) -> TopKSAE:
-    """Shorthand: ``topk_sae(576, 4608, 32)``."""
-    return TopKSAE(SAEConfig(d_in=d_in, d_sae=d_sae, k=k, architecture="topk", **cfg), seed=seed, device=device)
+    """Shorthand: ``topk_sae(576, 4608, 32)``; other `TopKConfig` fields as keywords."""
+    return TopKSAE(TopKConfig(d_in=d_in, d_sae=d_sae, k=k, **cfg), seed=seed, device=device)

@@ -1,0 +1,156 @@
+"""Splicing a reconstruction into the real model: ΔCE, CE recovered and KL (METHODS.md §7).
+
+`Splicer` replaces the hooked activation with a dictionary's reconstruction (or any replacement)
+inside the language model and measures the next-token cross-entropy, CE-loss-recovered against
+zero-ablation, and KL(clean ‖ spliced). `evaluate` combines it with the reconstruction metrics of
+`metrics`. An SAE is refused at another hook or model than it was trained on (`train.check_fits`).
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import bars_off
+from .metrics import reconstruction_metrics
+from .train import check_fits
+
+
+class Splicer:
+    """Cross-entropy with an activation spliced in at the store's hook, on the store's eval windows.
+
+    Built once per store: it caches the residual stream entering the hook's block, the clean
+    next-token log-probabilities (fp16) and the zero-ablation CE, so each spliced dictionary then
+    costs one forward pass from the hook's layer on. Splicing replaces the activation at the stored
+    positions only (all but the first and last of each window, see `activations`), and CE / KL are
+    averaged over the next-token predictions made from those positions.
+
+    Args:
+        model: the HookedTransformer the store was harvested from.
+        store: an `ActivationStore`.
+        n_seqs: eval windows to use.
+        batch_seqs: windows per forward pass.
+    """
+
+    def __init__(self, model, store, n_seqs: int = 64, batch_seqs: int = 16, progress: bool = True):
+        from .activations import validate_hook
+
+        spec = store.spec
+        if str(getattr(model.cfg, "model_name", "")) != spec.model:
+            raise ValueError(f"store was harvested from {spec.model!r}, not {model.cfg.model_name!r}")
+        self.model, self.spec, self.batch_seqs, self.progress = model, spec, batch_seqs, progress
+        self.path = store.path
+        self.layer = validate_hook(model, spec.hook)
+        self.windows = store.tokens[list(store.window_range("eval"))][:n_seqs].long()
+        if len(self.windows) == 0:
+            raise ValueError("the store has no eval windows; harvest with eval_tokens > 0")
+        self.sl = slice(spec.skip_first, spec.ctx_len - spec.skip_last)
+        self.targets = self.windows[:, self.sl.start + 1: self.sl.stop + 1]
+        self.resid, self.logp_clean = [], []
+        ce_clean = ce_zero = 0.0
+        with torch.no_grad():
+            for i in self._chunks("cache clean CE"):
+                toks = self.windows[i:i + batch_seqs].to(model.cfg.device)
+                _, cache = model.run_with_cache(toks, names_filter=f"blocks.{self.layer}.hook_resid_pre",
+                                                stop_at_layer=self.layer + 1)
+                resid = cache[f"blocks.{self.layer}.hook_resid_pre"]
+                self.resid.append(resid)
+                lp = self._run(resid, None)
+                self.logp_clean.append(lp.half())
+                ce_clean += self._ce_sum(lp, i)
+                ce_zero += self._ce_sum(self._run(resid, torch.zeros_like), i)
+        n = self.targets.numel()
+        self.ce_clean, self.ce_zero = ce_clean / n, ce_zero / n
+
+    def _chunks(self, desc):
+        return tqdm(range(0, len(self.windows), self.batch_seqs), desc=desc, disable=bars_off(self.progress), leave=False)
+
+    def _run(self, resid, fn):
+        hooks = [] if fn is None else [(self.spec.hook, _splice_hook(fn, self.sl))]
+        logits = self.model.run_with_hooks(resid, start_at_layer=self.layer, fwd_hooks=hooks)
+        return torch.log_softmax(logits[:, self.sl].float(), -1)
+
+    def _ce_sum(self, lp, i):
+        t = self.targets[i:i + self.batch_seqs].to(lp.device)
+        return float(-lp.gather(-1, t[..., None]).sum())
+
+    @torch.no_grad()
+    def __call__(self, sae=None, replace=None, g: torch.Tensor | None = None, force: bool = False) -> dict:
+        """ΔCE, CE recovered and KL(clean ‖ spliced) for `sae` (or a `replace` function
+        act [B, P, d_in] -> replacement). Returns a dict of nats/token numbers.
+
+        `g`: per-token gradients of the eval split (``store.get("eval", grads=True)[1]``), for
+        dictionaries whose current mode needs them (a g-SAE in its ``"gradient"`` mode).
+        `force`: splice an SAE at another hook / model than the one it was trained on."""
+        if replace is None and sae is None:
+            raise ValueError("pass an sae or a replace function")
+        if sae is not None:
+            check_fits(sae, self, force, action="splice")
+        P = self.sl.stop - self.sl.start
+        if g is not None and len(g) < len(self.windows) * P:
+            raise ValueError(f"g has {len(g)} rows; the splice needs {len(self.windows) * P} (eval split order)")
+        ce = kl = 0.0
+        for b, i in enumerate(self._chunks("splice CE")):
+            if replace is None:
+                g_b = g[i * P:(i + self.batch_seqs) * P] if g is not None else None
+                fn = _reconstruct_with(sae, self.spec.d_in, g_b)
+            else:
+                fn = replace
+            lp = self._run(self.resid[b], fn)
+            lp_clean = self.logp_clean[b].float()
+            ce += self._ce_sum(lp, i)
+            kl += float((lp_clean.exp() * (lp_clean - lp)).sum())
+        n = self.targets.numel()
+        s, c, z = ce / n, self.ce_clean, self.ce_zero
+        return {"ce_clean": c, "ce_spliced": s, "ce_zero": z, "delta_ce": s - c,
+                "ce_recovered": (z - s) / (z - c) if z != c else float("nan"), "kl": kl / n}
+
+
+def splice_metrics(model, store, sae=None, n_seqs: int = 64, batch_seqs: int = 16,
+                   replace=None, progress: bool = True, force: bool = False) -> dict:
+    """One-off `Splicer` call; build a `Splicer` yourself to evaluate many dictionaries."""
+    if sae is not None:
+        check_fits(sae, store, force, action="splice")
+    return Splicer(model, store, n_seqs, batch_seqs, progress)(sae, replace, force=force)
+
+
+def _reconstruct_with(sae, d_in: int, g: torch.Tensor | None):
+    def replace(a):
+        flat = a.reshape(-1, d_in).to(sae.device, torch.float32)
+        gg = g.to(sae.device) if g is not None else None
+        return sae.reconstruct(flat, gg).to(a.dtype).reshape(a.shape)
+    return replace
+
+
+def _splice_hook(fn, sl: slice):
+    def hook(act, hook):
+        shape = act.shape
+        a = act.reshape(*shape[:2], -1)
+        a = a.clone()
+        a[:, sl] = fn(a[:, sl])
+        return a.reshape(shape)
+    return hook
+
+
+def evaluate(sae, store, model=None, n_seqs: int = 64, progress: bool = True, grads: bool = False,
+             splicer: Splicer | None = None, force: bool = False) -> dict:
+    """Reconstruction metrics on the eval split, plus splice metrics when `model` (or a `Splicer`) is given.
+
+    Refuses an SAE trained at another hook or model than the store's (`HookMismatchError`) unless `force`."""
+    check_fits(sae, store, force, action="evaluate")
+    if store.eval_windows == 0:
+        raise ValueError(f"store {store.path.name} has no eval split; harvest it with eval_tokens > 0 "
+                         f"(evaluating on training tokens would flatter the SAE)")
+    if splicer is not None and splicer.spec != store.spec:
+        raise ValueError("the Splicer was built on another store than the one being evaluated; build it "
+                         "with the same store")
+    if grads:
+        x, g = store.get("eval", grads=True)
+    else:
+        x, g = store.get("eval"), None
+    out = reconstruction_metrics(sae, x, g)
+    if splicer is not None:
+        out.update(splicer(sae, force=force))
+    elif model is not None:
+        out.update(splice_metrics(model, store, sae, n_seqs=n_seqs, progress=progress, force=force))
+    return out
