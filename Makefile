@@ -35,7 +35,8 @@ reproduce: setup
 	@echo "see results/REPORT.md"
 
 lab: setup
-	$(VENV)/bin/jupyter lab notebooks/
+	# JupyterLab refuses to run as root without --allow-root (course servers and containers often do)
+	SAE_KIT_SCALE=$(SCALE) $(VENV)/bin/jupyter lab notebooks/ $$( [ "$$(id -u)" = 0 ] && echo --allow-root )
 
 bench: setup
 	$(PY) benchmarks/bench_train_step.py

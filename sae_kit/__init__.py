@@ -8,7 +8,7 @@ from .activations import ActivationStore, StoreMismatchError, default_hook, get_
 from .claims import Claims
 from .config import Scale, cache_dir, get_device, get_scale, setup
 from .corpus import load_texts, stdlib_docs, token_windows
-from .explorer import context_table, top_contexts
+from .explorer import context_table, explore, latent_card, top_contexts
 from .metrics import reconstruction_metrics
 from .splice import Splicer, evaluate, splice_metrics
 from .models import DEFAULT_MODEL, ModelNotInstalledError, load_model
