@@ -145,6 +145,16 @@ class ActivationStore:
         self.tokens = torch.from_numpy(np.array(self._open("tokens.npy", (s.n_windows, s.ctx_len), "int32")))
         self.grads = self._open("grads.npy", (s.n_tokens, s.d_in), s.dtype) if s.with_grads else None
 
+    def verify(self, chunk_tokens: int = 1 << 16) -> None:
+        """Scan every stored value for NaN/Inf (one pass over the files); raise `StoreCorruptError`."""
+        for name, arr in (("acts.npy", self.acts), ("grads.npy", self.grads)):
+            if arr is None:
+                continue
+            for s in range(0, len(arr), chunk_tokens):
+                if not np.isfinite(arr[s:s + chunk_tokens]).all():
+                    raise StoreCorruptError(f"NaN/Inf in {self.path / name} (tokens {s}-{s + chunk_tokens - 1}): "
+                                            f"the store's data is damaged{_REPAIR}")
+
     def _open(self, name: str, shape: tuple, dtype: str) -> np.ndarray:
         """Memory-map one of the store's arrays, checking its size and type against the spec."""
         f = self.path / name
@@ -268,8 +278,9 @@ def harvest(model, hook: str, n_tokens: int, ctx_len: int = 64, corpus=None, see
         path: store folder; default under the kit's cache dir, named from the spec. It must be new,
             empty, or an earlier store: a folder holding anything else is refused, never overwritten.
         progress: show a tqdm bar with tokens/s.
-        repair: replace a damaged store at `path` (truncated file, unreadable meta.json) by harvesting it
-            again; without it, a damaged store raises `StoreCorruptError`.
+        repair: check a finished store at `path` (files against meta.json, every value finite) and
+            replace it by harvesting again if it is damaged; without it, a damaged store raises
+            `StoreCorruptError` when opened or read.
         allow_network: let a corpus name that is not a file or folder be read as a Hugging Face dataset
             (see `load_texts`).
         lock_timeout: seconds to wait when another process is harvesting the same store (None: until
@@ -324,6 +335,8 @@ def _finished_store(final: Path, spec: StoreSpec, repair: bool) -> ActivationSto
         return None
     try:
         store = ActivationStore(final)
+        if repair:  # a store that opens may still hold damaged values
+            store.verify()
     except StoreCorruptError:
         if not repair:
             raise

@@ -308,6 +308,18 @@ def test_damaged_store_is_repaired_on_request(model, small_store, tmp_path):
     assert not (tmp_path / "store.partial").exists()
 
 
+def test_a_store_with_nan_is_repaired_on_request(model, small_store, tmp_path):
+    env = Env(tmp_path, model, small_store)
+    path = _nan_store(env)
+    with pytest.raises(StoreCorruptError, match="NaN/Inf in .*acts.npy"):
+        ActivationStore(path).verify()
+    s = small_store.spec
+    repaired = env.harvest(path=path, repair=True, n_tokens=s.n_tokens,
+                           eval_tokens=small_store.eval_windows * s.per_window)
+    repaired.verify()
+    np.testing.assert_array_equal(np.asarray(repaired.acts), np.asarray(small_store.acts))
+
+
 def test_harvest_reuses_an_empty_folder_and_a_finished_store(model, tmp_path):
     (tmp_path / "s").mkdir()
     a = harvest(model, HOOK, n_tokens=124, ctx_len=64, path=tmp_path / "s", progress=False)
