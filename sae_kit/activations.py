@@ -83,7 +83,7 @@ class StoreCorruptError(ValueError):
 
 
 STORE_FILES = {"meta.json", "acts.npy", "tokens.npy", "grads.npy"}  # what a finished store holds
-PARTIAL_FILES = STORE_FILES | {"progress.json", "progress.json.tmp", "meta.json.tmp"}  # an unfinished one
+PARTIAL_FILES = STORE_FILES | {"progress.json", "progress.tmp", "meta.tmp"}  # an unfinished one (.tmp: older kits)
 _REPAIR = "; re-harvest it with harvest(..., repair=True), which replaces the damaged store"
 
 
@@ -320,15 +320,25 @@ def harvest(model, hook: str, n_tokens: int, ctx_len: int = 64, corpus=None, see
                                progress, _stop_after)
 
 
+def _written_by_kit(folder: Path) -> bool:
+    """A store folder is the kit's if its meta.json holds a store spec, or (meta.json damaged) if it
+    holds the kit's arrays beside it."""
+    try:
+        return "spec" in json.loads((folder / "meta.json").read_text())
+    except (OSError, ValueError, TypeError, UnicodeDecodeError):
+        return (folder / "acts.npy").exists() and (folder / "tokens.npy").exists()
+
+
 def _claim_store_path(final: Path) -> None:
     """Refuse a store path whose folder (or its ``.partial``) holds anything but the kit's store files."""
     hint = " (or leave path=None to use the kit's cache)"
-    claim_dir(final, "an activation store", markers={"meta.json"}, allowed=STORE_FILES, hint=hint)
+    claim_dir(final, "an activation store", markers={"meta.json"}, allowed=STORE_FILES, hint=hint,
+              is_ours=_written_by_kit)
     claim_dir(final.with_name(final.name + ".partial"), "an unfinished activation store", markers=set(),
               allowed=PARTIAL_FILES, hint=hint)
 
 
-def _finished_store(final: Path, spec: StoreSpec, repair: bool) -> ActivationStore | None:
+def _finished_store(final: Path, spec: StoreSpec, repair: bool, eval_windows: int) -> ActivationStore | None:
     """The finished store at `final` if it holds `spec`; None when there is none (or it was damaged and
     `repair` asks to replace it)."""
     if not (final / "meta.json").exists():
@@ -344,14 +354,27 @@ def _finished_store(final: Path, spec: StoreSpec, repair: bool) -> ActivationSto
         return None
     if store.spec != spec:
         raise StoreMismatchError(f"{final} holds a different store ({store.spec}); pick another path")
+    if store.eval_windows != eval_windows:
+        raise StoreMismatchError(f"{final} holds the same tokens split into {store.eval_windows} eval windows, not "
+                                 f"{eval_windows}; ask for the same eval_tokens, or harvest to another path")
     return store
 
 
 def _harvest_locked(model, spec: StoreSpec, final: Path, part: Path, layer: int, windows, eval_windows: int,
                     batch_windows: int, repair: bool, progress: bool, _stop_after) -> ActivationStore:
-    store = _finished_store(final, spec, repair)
+    store = _finished_store(final, spec, repair, eval_windows)
     if store is not None:
         return store
+    if (part / "meta.json").exists() and not (part / "progress.json").exists():  # killed just before the rename
+        try:
+            done = ActivationStore(part)
+            if done.spec == spec and done.eval_windows == eval_windows:
+                if final.exists():
+                    shutil.rmtree(final)  # an empty folder, or a damaged store being repaired
+                part.rename(final)
+                return ActivationStore(final)
+        except StoreCorruptError:
+            pass
     hook, ctx_len, n_windows, per_window, dtype = spec.hook, spec.ctx_len, spec.n_windows, spec.per_window, spec.dtype
     with_grads = spec.with_grads
     done = 0

@@ -34,7 +34,7 @@ import torch
 from .config import cache_dir
 from .metrics import forward_batched
 
-_FORMAT = 1  # bump when `LatentIndex` changes, to invalidate cached indexes
+_FORMAT = 2  # bump when `LatentIndex` changes, to invalidate cached indexes
 _STAMPS = ("model_name", "hook_name", "store_key", "scale")
 
 
@@ -58,6 +58,7 @@ class LatentIndex:
     logit_bottom_val: torch.Tensor | None
     neighbours: torch.Tensor  # [d_sae, n] nearest atoms by cosine
     neighbour_cos: torch.Tensor
+    n_stored: int  # tokens that have a code (windows of unequal length leave padding out)
 
     @property
     def d_sae(self) -> int:
@@ -65,7 +66,7 @@ class LatentIndex:
 
     @property
     def n_tokens(self) -> int:
-        return len(self.tokens) * self.per_window
+        return self.n_stored
 
     def examples(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(flat token indices, activations) where latent `j` fires, strongest first."""
@@ -165,6 +166,9 @@ def build_index(sae, store, model, split: str = "eval", n_logits: int = 10, n_ne
     path = cache_dir() / "explorer" / f"{_index_key(sae, store, split, n_logits, n_neighbours)}.pt"
     if cache and path.exists():
         return LatentIndex(**torch.load(path, weights_only=True))
+    if len(store.token_range(split)) == 0:
+        raise ValueError(f"store {store.path.name} has no {split} split to explore; harvest it with eval_tokens > 0 "
+                         f"or explore split='train'")
     grads = sae.mode in sae.grad_modes
     x, g = store.get(split, grads=True) if grads else (store.get(split), None)
     rows, cols, vals = [], [], []
@@ -190,11 +194,13 @@ def build_index(sae, store, model, split: str = "eval", n_logits: int = 10, n_ne
 @torch.no_grad()
 def index_from_codes(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, n: int, windows: torch.Tensor,
                      skip_first: int, per_window: int, directions: torch.Tensor, model, hook: str,
-                     n_logits: int = 10, n_neighbours: int = 8) -> LatentIndex:
+                     n_logits: int = 10, n_neighbours: int = 8, n_stored: int | None = None) -> LatentIndex:
     """A `LatentIndex` from any code: (row = flat token, col = latent, val > 0) triples over the
     windows [n_windows, ctx_len] (flat token = window · per_window + position − skip_first; a
-    token id of −1 is padding) and the latents' directions [n, d] at `hook`."""
+    token id of −1 is padding) and the latents' directions [n, d] at `hook`. `n_stored`: the tokens
+    that had a code (default every position of every window); densities are shares of it."""
     N = len(windows) * per_window
+    n_stored = N if n_stored is None else n_stored
     z = torch.sparse_coo_tensor(torch.stack([cols, rows]), vals, (n, N), check_invariants=True).coalesce()
     col, tok = z.indices()  # sorted by latent, then token; a latent picked twice for a token adds up
     act = z.values()
@@ -213,8 +219,9 @@ def index_from_codes(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor,
     lt, ltv, lb, lbv = logit_lens(model, hook, directions, n_logits)
     nb, nbc = nearest_neighbours(directions, n_neighbours)
     return LatentIndex(hook=hook, tokens=windows.int(), skip_first=skip_first, per_window=per_window, ptr=ptr,
-                       tok=tok, act=act, density=counts.float() / N, top_token_ids=top_ids, logit_top=lt,
-                       logit_top_val=ltv, logit_bottom=lb, logit_bottom_val=lbv, neighbours=nb, neighbour_cos=nbc)
+                       tok=tok, act=act, density=counts.float() / n_stored, top_token_ids=top_ids, logit_top=lt,
+                       logit_top_val=ltv, logit_bottom=lb, logit_bottom_val=lbv, neighbours=nb, neighbour_cos=nbc,
+                       n_stored=n_stored)
 
 
 # ---- HTML pieces (pure functions of the index) ---------------------------------------------------
@@ -371,7 +378,8 @@ def explore_snmf(fit, acts, model, latent: int | None = None, seed: int = 0) -> 
     flat = acts.sentence.long() * (L - 1) + acts.position.long() - 1  # position 0 is never collected
     r, c = torch.nonzero(G > 0, as_tuple=True)
     F = fit.F.detach().cpu().float()
-    index = index_from_codes(flat[r], c, G[r, c], G.shape[1], windows, 1, L - 1, F.t(), model, acts.hook)
+    index = index_from_codes(flat[r], c, G[r, c], G.shape[1], windows, 1, L - 1, F.t(), model, acts.hook,
+                             n_stored=len(G))
     F64 = F.double().numpy()
 
     def encode_text(text: str):

@@ -4,14 +4,17 @@ The kit writes three kinds of folder: activation stores (`activations`), saved S
 training checkpoints (`train`). Each goes through the same rules:
 
 - **Claim before writing.** A target folder is used only if it is absent, empty, or already holds
-  the same kind of artefact and nothing else (`claim_dir`). Anything else is refused with an error
-  that names the folder and a file in it; nothing on disk is touched.
-- **Write aside, then rename.** New content is written to ``<name>.tmp<pid>`` and renamed into place
-  (`replace_dir`); an old version is first moved to ``<name>.old<pid>`` and deleted only after the
-  new one is in place, so a kill at any moment leaves either the old or the new version.
-- **Clean up after a killed writer.** ``.tmp<pid>`` / ``.old<pid>`` siblings whose process is gone
-  are removed on the next write; if the kill fell between the two renames (the target is missing
-  but its ``.old<pid>`` exists), the old version is put back (`recover_stale`).
+  the same kind of artefact — the kit's own marker inside, nothing else beside it (`claim_dir`).
+  Anything else is refused with an error that names the folder and a file in it; nothing on disk
+  is touched.
+- **Write aside, then rename.** New content is written to ``<name>.sae-kit-tmp-<host>-<pid>`` and
+  renamed into place (`replace_dir`); an old version is first moved to
+  ``<name>.sae-kit-old-<host>-<pid>`` and deleted only after the new one is in place, so a kill at
+  any moment leaves either the old or the new version. Files are fsync'ed before the rename.
+- **Clean up after a killed writer.** Such siblings written on this host by a process that is gone
+  are removed on the next write (other hosts' are left alone); if the kill fell between the two
+  renames (the target is missing but its old version exists), the old version is put back
+  (`recover_stale`).
 - **One writer at a time.** `locked` takes an OS file lock (the `filelock` package); a second
   process waits and says which run holds it.
 """
@@ -47,11 +50,13 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def claim_dir(path: Path, kind: str, markers: set[str], allowed: set[str], hint: str = "") -> None:
+def claim_dir(path: Path, kind: str, markers: set[str], allowed: set[str], hint: str = "",
+              is_ours=None) -> None:
     """Refuse to write a `kind` at `path` unless it is absent, an empty folder, or an earlier `kind`.
 
-    An earlier `kind` holds every name in `markers` and no name outside `allowed`; anything else
-    (a file, a folder with other content) is the user's and raises `FileExistsError`.
+    An earlier `kind` holds every name in `markers`, no name outside `allowed`, and passes
+    ``is_ours(path)`` (the kit's own marker inside a file, when given); anything else (a file, a
+    folder with other content) is the user's and raises `FileExistsError`.
     """
     path = Path(path)
     if not path.exists():
@@ -60,20 +65,28 @@ def claim_dir(path: Path, kind: str, markers: set[str], allowed: set[str], hint:
         raise FileExistsError(f"cannot write {kind} at {path}: it is an existing file, not a folder. "
                               f"Nothing was changed; pick another path{hint}")
     names = {re.sub(r"\.tmp\d+$", "", p.name) for p in path.iterdir()}  # a killed write's temp file
-    if not names or (markers <= names and names <= allowed):
+    if not names or (markers <= names and names <= allowed and (is_ours is None or is_ours(path))):
         return
     foreign = sorted(names - allowed) or sorted(names)
     raise FileExistsError(
-        f"refusing to write {kind} into {path}: the folder exists and is not {kind} "
+        f"refusing to write {kind} into {path}: the folder exists and is not {kind} written by sae_kit "
         f"(it holds {', '.join(repr(n) for n in foreign[:3])}{' ...' if len(foreign) > 3 else ''}). "
         f"Nothing was changed; pick a new or empty folder{hint}")
 
 
+_HOST = re.sub(r"[^A-Za-z0-9]+", "_", socket.gethostname())[:40] or "host"
+
+
+def _sibling(path: Path, kind: str) -> Path:
+    return path.with_name(f"{path.name}.sae-kit-{kind}-{_HOST}-{os.getpid()}")
+
+
 def _stale_siblings(path: Path):
-    pat = re.compile(re.escape(path.name) + r"\.(tmp|old)(\d+)")
-    for p in path.parent.glob(glob_escape(path.name) + ".*"):
+    """Siblings ``<name>.sae-kit-(tmp|old)-<host>-<pid>`` written on this host by a process that is gone."""
+    pat = re.compile(re.escape(path.name) + r"\.sae-kit-(tmp|old)-(.+)-(\d+)")
+    for p in path.parent.glob(glob_escape(path.name) + ".sae-kit-*"):
         m = pat.fullmatch(p.name)
-        if m and (int(m[2]) == os.getpid() or not pid_alive(int(m[2]))):
+        if m and m[2] == _HOST and (int(m[3]) == os.getpid() or not pid_alive(int(m[3]))):
             yield m[1], p
 
 
@@ -96,11 +109,11 @@ def recover_stale(path: Path) -> None:
 
 
 def temp_sibling(path: Path) -> Path:
-    """A fresh ``<name>.tmp<pid>`` folder beside `path` (stale ones are cleaned first)."""
+    """A fresh temporary folder beside `path` (stale ones are cleaned first)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     recover_stale(path)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp = _sibling(path, "tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -110,8 +123,9 @@ def temp_sibling(path: Path) -> Path:
 def replace_dir(tmp: Path, path: Path) -> None:
     """Move the finished folder `tmp` to `path`, replacing an earlier version without a gap in which
     neither exists on disk under a name the kit can find (see the module docstring)."""
+    fsync_tree(tmp)
     if path.exists():
-        backup = path.with_name(f"{path.name}.old{os.getpid()}")
+        backup = _sibling(path, "old")
         if backup.exists():
             shutil.rmtree(backup)
         os.replace(path, backup)
@@ -121,10 +135,26 @@ def replace_dir(tmp: Path, path: Path) -> None:
         os.replace(tmp, path)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def fsync_tree(folder: Path) -> None:
+    """Flush every file under `folder` to disk (so a rename after it never exposes empty files)."""
+    for p in Path(folder).rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def atomic_write_bytes(path: Path, write) -> None:
+    """Write a file through ``write(binary file)`` into a temporary sibling, fsync, rename into place."""
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, lambda f: f.write(text.encode()))
 
 
 @contextlib.contextmanager

@@ -107,11 +107,11 @@ class Splicer:
 
 
 def splice_metrics(model, store, sae=None, n_seqs: int = 64, batch_seqs: int = 16,
-                   replace=None, progress: bool = True, force: bool = False) -> dict:
+                   replace=None, progress: bool = True, force: bool = False, g: torch.Tensor | None = None) -> dict:
     """One-off `Splicer` call; build a `Splicer` yourself to evaluate many dictionaries."""
     if sae is not None:
         check_fits(sae, store, force, action="splice")
-    return Splicer(model, store, n_seqs, batch_seqs, progress)(sae, replace, force=force)
+    return Splicer(model, store, n_seqs, batch_seqs, progress)(sae, replace, g=g, force=force)
 
 
 def _reconstruct_with(sae, d_in: int, g: torch.Tensor | None):
@@ -149,8 +149,9 @@ def evaluate(sae, store, model=None, n_seqs: int = 64, progress: bool = True, gr
     else:
         x, g = store.get("eval"), None
     out = reconstruction_metrics(sae, x, g)
+    g_splice = g if g is not None and sae.mode in sae.grad_modes else None  # the mode's selection needs them
     if splicer is not None:
-        out.update(splicer(sae, force=force))
+        out.update(splicer(sae, g=g_splice, force=force))
     elif model is not None:
-        out.update(splice_metrics(model, store, sae, n_seqs=n_seqs, progress=progress, force=force))
+        out.update(splice_metrics(model, store, sae, n_seqs=n_seqs, progress=progress, force=force, g=g_splice))
     return out

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -21,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .activations import ActivationStore
+from .fsutil import atomic_write_bytes
 from .config import bars_off, get_scale
 from .validate import integer, real
 
@@ -79,7 +79,7 @@ def train(sae, store, batch_size: int = 2048, epochs: int = 1, lr: float | None 
           warmup_frac: float = 0.05, decay_frac: float = 0.2, seed: int = 0, grads: bool = False,
           init_b_dec: bool = True, progress: bool = True, desc: str | None = None,
           max_steps: int | None = None, checkpoint: str | Path | None = None, checkpoint_every: int = 200,
-          force: bool = False) -> History:
+          force: bool = False, keep_checkpoint: bool = False) -> History:
     """Train `sae` on the training split of an `ActivationStore` (or a tensor [N, d_in]).
 
     Args:
@@ -100,6 +100,8 @@ def train(sae, store, batch_size: int = 2048, epochs: int = 1, lr: float | None 
             SAE and arguments after an interruption, `train` resumes there and ends with the same
             weights as an uninterrupted run. Removed when training finishes.
         checkpoint_every: steps between checkpoints.
+        keep_checkpoint: leave the last checkpoint on disk at the end (for a caller that removes it once
+            it has stored the result itself, as `train_cached` does).
         force: train on a store from another hook / model than the one stamped in ``sae.cfg``.
 
     Returns:
@@ -180,11 +182,11 @@ def train(sae, store, batch_size: int = 2048, epochs: int = 1, lr: float | None 
                             L0=f"{hist.l0[-1]:.1f}", dead=f"{100 * hist.dead[-1]:.1f}%")
         bar.update(1)
         if ckpt is not None and (step + 1) % checkpoint_every == 0 and step + 1 < n_steps:
-            ckpt.save(step + 1, sae, opt, hist)
+            ckpt.save(step + 1, sae, opt, hist, seconds=hist.seconds + time.time() - t0)
     bar.close()
     sae.eval()
     hist.seconds += time.time() - t0
-    if ckpt is not None:
+    if ckpt is not None and not keep_checkpoint:
         ckpt.remove()
     return hist
 
@@ -219,12 +221,26 @@ def _n_train(store) -> int:
     return len(store.token_range("train")) if isinstance(store, ActivationStore) else len(store)
 
 
+def initial_digest(sae) -> str:
+    """A hash of `sae`'s weights and clocks when it first met `train` (remembered on the object)."""
+    digest = getattr(sae, "_initial_digest", None)
+    if digest is None:
+        h = hashlib.sha256()
+        for t in sae.state_dict().values():
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        digest = sae._initial_digest = h.hexdigest()
+    return digest
+
+
 class Checkpoint:
     """One training run's checkpoint file: written atomically, read back only by the same run.
 
-    "The same run" is a hash of the SAE's class, config and initial weights, the data (store key,
-    or the tensor's shape and a sample of its values) and every argument that shapes the steps. A
-    checkpoint from another run is replaced; a file that is not a kit checkpoint is refused.
+    "The same run" is a hash of the SAE's class, config and initial weights (`initial_digest`:
+    the weights when this SAE object first met `train`, so re-running the same object, or a fresh
+    one built the same way, resumes), the data (store key, or the tensor's shape and a sample of its
+    values) and every argument that shapes the steps. A checkpoint from another run is replaced, with
+    a warning; a file that is not a kit checkpoint is refused (an empty file is not a file's content
+    to lose, and is replaced).
     """
 
     MARK = "sae_kit.train checkpoint v1"
@@ -237,15 +253,14 @@ class Checkpoint:
         cfg = {k: v for k, v in asdict(sae.cfg).items() if k not in _STAMPS}
         h.update(json.dumps({"class": type(sae).__name__, "cfg": cfg, "args": args}, sort_keys=True,
                             default=str).encode())
-        for t in sae.state_dict().values():  # the initial weights (and clocks)
-            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        h.update(initial_digest(sae).encode())
         if isinstance(store, ActivationStore):
             h.update(store.spec.key().encode())
         else:
             h.update(str(tuple(store.shape)).encode())
             h.update(store[:: max(1, len(store) // 64)].detach().cpu().contiguous().numpy().tobytes())
         self.key = h.hexdigest()
-        if self.path.exists() and self._read() is None:
+        if self.path.exists() and self.path.stat().st_size > 0 and self._read() is None:
             raise FileExistsError(f"checkpoint={self.path} exists and is not a sae_kit training checkpoint; "
                                   f"nothing was changed: give another file name")
 
@@ -265,15 +280,13 @@ class Checkpoint:
             return False
         return state is not None
 
-    def save(self, step: int, sae, opt, hist: History) -> None:
+    def save(self, step: int, sae, opt, hist: History, seconds: float) -> None:
         gens = {n: g.get_state() for n, g in vars(sae).items() if isinstance(g, torch.Generator)}
         state = {"mark": self.MARK, "key": self.key, "step": step, "sae": sae.state_dict(),
-                 "opt": opt.state_dict(), "hist": hist.as_dict(), "torch_rng": torch.get_rng_state(),
-                 "generators": gens}
+                 "opt": opt.state_dict(), "hist": {**hist.as_dict(), "seconds": seconds},
+                 "torch_rng": torch.get_rng_state(), "generators": gens}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f"{self.path.name}.tmp{os.getpid()}")
-        torch.save(state, tmp)
-        os.replace(tmp, self.path)
+        atomic_write_bytes(self.path, lambda f: torch.save(state, f))
 
     def restore(self, sae, opt) -> tuple[int, History]:
         state = self._read()
@@ -322,7 +335,8 @@ def train_cached(sae, store, progress: bool = True, **train_kw):
     from .fsutil import atomic_write_text
     from .saes import load_sae
 
-    desc = {"store": store.spec.key(), "class": type(sae).__name__, "cfg": asdict(sae.cfg),
+    cfg = {k: v for k, v in asdict(sae.cfg).items() if k not in _STAMPS}  # a re-run of a trained object keys alike
+    desc = {"store": store.spec.key(), "class": type(sae).__name__, "cfg": cfg,
             "seed": getattr(sae, "init_seed", None), "train": {k: v for k, v in train_kw.items() if k != "desc"}}
     key = hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:16]
     path = cache_dir() / "saes" / f"{sae.label.replace(' ', '-').replace('=', '')}-{sae.cfg.d_sae}-{key}"
@@ -332,8 +346,9 @@ def train_cached(sae, store, progress: bool = True, **train_kw):
         if progress:
             print(f"loaded cached {sae.label} d_sae={sae.cfg.d_sae} from {path.name}")
         return loaded, hist
-    train_kw.setdefault("checkpoint", path.with_name(path.name + ".ckpt"))
-    hist = train(sae, store, progress=progress, **train_kw)
+    ckpt = train_kw.setdefault("checkpoint", path.with_name(path.name + ".ckpt"))
+    hist = train(sae, store, progress=progress, keep_checkpoint=True, **train_kw)
     sae.save(path)
     atomic_write_text(path / "history.json", json.dumps(hist.as_dict()))
+    Path(ckpt).unlink(missing_ok=True)  # only now: a kill before this point resumes from it
     return sae, hist

@@ -191,6 +191,13 @@ CASES = [
     Case("save into a user's folder", lambda e: e.sae().save(e.user), FileExistsError,
          ("refusing", "not a saved sae", "nothing was changed")),
     Case("save onto a user's file", lambda e: e.sae().save(e.file), FileExistsError, ("existing file",)),
+    Case("save into a SAELens SAE of the user's", lambda e: e.sae().save(e.root / "theirs"), FileExistsError,
+         ("not a saved sae written by sae_kit",), setup=lambda e: _saelens_only(e.saved_sae("theirs"))),
+    Case("harvest into a folder holding someone else's meta.json", lambda e: e.harvest(path=e.root / "exp"),
+         FileExistsError, ("not an activation store",),
+         setup=lambda e: _write((e.root / "exp").mkdir() or e.root / "exp" / "meta.json", '{"experiment": 3}')),
+    Case("a budget above the width", lambda e: e.sae().encode(torch.zeros(2, 576), k=5000), ValueError,
+         ("0 < k < d_sae",)),
     Case("save into a saved SAE the user added files to", lambda e: e.sae().save(e.root / "sae"), FileExistsError,
          ("refusing", "my_notes.md"), setup=lambda e: _write(e.saved_sae() / "my_notes.md", "mine")),
     Case("load a corrupt cfg.json", lambda e: load_sae(e.root / "sae"), ValueError, ("cfg.json", "not valid json"),
@@ -237,6 +244,9 @@ CASES = [
     Case("evaluate a store without an eval split",
          lambda e: sae_kit.evaluate(e.sae(HOOK), ActivationStore(e.root / "no_eval")), ValueError,
          ("no eval split", "eval_tokens"), setup=_no_eval_store),
+    Case("explore a store without an eval split",
+         lambda e: sae_kit.explore(e.sae(HOOK), ActivationStore(e.root / "no_eval"), e.model), ValueError,
+         ("no eval split", "eval_tokens"), setup=_no_eval_store),
     Case("evaluate an SAE of another width", lambda e: sae_kit.evaluate(topk_sae(768, 1536, 8), e.store), ValueError,
          ("d_in=768",)),
     # ---- configuration ----
@@ -245,6 +255,14 @@ CASES = [
     Case("negative seed", lambda e: sae_kit.setup(seed=-1), ValueError, ("seed", "at least 0")),
     Case("model name not a string", lambda e: sae_kit.load_model(135), TypeError, ("model name", "smollm2-135m")),
 ]
+
+
+def _saelens_only(path: Path) -> None:
+    """Make a saved SAE look like one SAELens wrote: no sae_kit metadata, no kit state."""
+    cfg = json.loads((path / "cfg.json").read_text())
+    cfg["metadata"].pop("sae_kit")
+    (path / "cfg.json").write_text(json.dumps(cfg))
+    (path / "sae_kit_state.safetensors").unlink()
 
 
 def _rename_class(path: Path, name: str) -> None:
@@ -348,10 +366,57 @@ def test_training_stamps_where_the_sae_came_from(small_store, tmp_path):
 
 def test_save_replaces_an_earlier_sae_and_cleans_debris(tmp_path):
     path = topk_sae(576, 1152, 8, seed=0).save(tmp_path / "sae")
-    # what a save killed by SIGKILL leaves behind (pid 999999999 does not exist)
-    shutil.copytree(path, tmp_path / "sae.tmp999999999")
-    shutil.copytree(path, tmp_path / "sae.old999999999")
+    # what a save killed by SIGKILL leaves behind (pid 999999999 does not exist), and a user's backup
+    from sae_kit.fsutil import _HOST
+
+    shutil.copytree(path, tmp_path / f"sae.sae-kit-tmp-{_HOST}-999999999")
+    shutil.copytree(path, tmp_path / f"sae.sae-kit-old-{_HOST}-999999999")
+    shutil.copytree(path, tmp_path / "sae.old2024")  # the user's own backup: not the kit's to delete
+    shutil.copytree(path, tmp_path / "sae.sae-kit-tmp-otherhost-999999999")  # another host's: left alone
     sae2 = topk_sae(576, 1152, 8, seed=1)
     sae2.save(path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["sae"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sae", "sae.old2024", "sae.sae-kit-tmp-otherhost-999999999"]
     assert torch.equal(load_sae(path).W_dec, sae2.W_dec)
+
+
+def test_a_harvest_killed_before_its_last_rename_is_not_redone(model, tmp_path, monkeypatch):
+    from sae_kit import activations
+
+    kw = dict(n_tokens=620, ctx_len=64, eval_tokens=124, progress=False)
+    done = harvest(model, HOOK, path=tmp_path / "s", **kw)
+    before = np.asarray(done.acts).copy()
+    (tmp_path / "s").rename(tmp_path / "s.partial")  # finished, progress.json gone, not yet renamed
+    monkeypatch.setattr(activations, "_forward", lambda *a, **k: pytest.fail("re-harvested a finished store"))
+    again = harvest(model, HOOK, path=tmp_path / "s", **kw)
+    np.testing.assert_array_equal(np.asarray(again.acts), before)
+    assert not (tmp_path / "s.partial").exists()
+
+
+def test_the_same_eval_split_is_required(model, small_store):
+    s = small_store.spec
+    with pytest.raises(sae_kit.StoreMismatchError, match="eval windows"):
+        harvest(model, HOOK, n_tokens=s.n_tokens, eval_tokens=(small_store.eval_windows - 1) * s.per_window,
+                path=small_store.path, progress=False)
+
+
+def test_rerunning_an_interrupted_training_resumes_the_same_object(tmp_path):
+    x = torch.randn(3000, 16, generator=torch.Generator().manual_seed(0))
+    kw = dict(batch_size=100, epochs=2, checkpoint=tmp_path / "run.ckpt", checkpoint_every=5, progress=False)
+    sae = topk_sae(16, 64, 4, seed=0, dead_tokens=300)
+    real, calls = sae.loss, [0]
+
+    def loss(*a, **k):
+        calls[0] += 1
+        if calls[0] == 23:
+            raise KeyboardInterrupt  # the user stops the cell
+        return real(*a, **k)
+
+    sae.loss = loss
+    with pytest.raises(KeyboardInterrupt):
+        sae_kit.train(sae, x, **kw)
+    del sae.loss  # the cell runs again with the same, partly trained object
+    hist = sae_kit.train(sae, x, **kw)
+    fresh = topk_sae(16, 64, 4, seed=0, dead_tokens=300)
+    ref = sae_kit.train(fresh, x, **{**kw, "checkpoint": tmp_path / "other.ckpt"})
+    assert hist.fvu == ref.fvu and hist.step == list(range(60))
+    assert torch.equal(sae.W_dec, fresh.W_dec) and torch.equal(sae.W_enc, fresh.W_enc)

@@ -83,3 +83,12 @@ def test_steering_effect_is_zero_at_zero_push_and_grows_with_it(model, small_sto
     assert kl[0] == pytest.approx(0.0, abs=1e-5) and 0 < kl[1] < kl[2]
     dens = torch.tensor([0.0, 0.5, 0.2, 0.0, 0.01])
     assert sorted(alive_latents(dens, 10)) == [1, 2, 4]
+
+
+def test_evaluate_gives_the_gradients_to_the_splice_in_gradient_mode(model, grad_store):
+    sae = gradient_sae(576, 1152, 8, beta=4.0, seed=0)
+    sae_kit.train(sae, grad_store, batch_size=62, grads=True, progress=False)
+    with sae.using("gradient"):
+        out = sae_kit.evaluate(sae, grad_store, model, n_seqs=2, grads=True, progress=False)
+    plain = sae_kit.evaluate(sae, grad_store, model, n_seqs=2, progress=False)
+    assert out["ce_spliced"] != plain["ce_spliced"] and out["fvu"] != plain["fvu"]

@@ -229,7 +229,9 @@ class SAE(nn.Module):
             return None
         if k is None:
             return self.cfg.k
-        return integer("k", k, min=1, hint=f" ({self.budget})")
+        k = integer("k", k, min=1, hint=f" ({self.budget})")
+        replace(self.cfg, k=k)  # the config's own rule says whether this budget fits (e.g. k < d_sae)
+        return k
 
     # ---- the shared part ---------------------------------------------------------------------
     @property

@@ -34,7 +34,7 @@ def _save_locked(sae, path: Path) -> Path:
     from safetensors.torch import save_file
 
     recover_stale(path)
-    claim_dir(path, "a saved SAE", markers={_CFG, _WEIGHTS}, allowed=SAE_FILES)
+    claim_dir(path, "a saved SAE", markers={_CFG, _WEIGHTS}, allowed=SAE_FILES, is_ours=_written_by_kit)
     tmp = temp_sibling(path)
     tensors = {n: p.detach().cpu().contiguous() for n, p in sae.state_dict().items()}
     extra = {n: t.detach().cpu().contiguous() for n, t in sae.saelens_tensors().items()}
@@ -53,6 +53,15 @@ def _save_locked(sae, path: Path) -> Path:
     (tmp / _CFG).write_text(json.dumps(cfg, indent=1))
     replace_dir(tmp, path)
     return path
+
+
+def _written_by_kit(path: Path) -> bool:
+    """Whether ``cfg.json`` says sae_kit wrote this folder (a SAELens SAE of the user's is not ours)."""
+    try:
+        cfg = json.loads((path / _CFG).read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(cfg, dict) and isinstance(cfg.get("metadata"), dict) and "sae_kit" in cfg["metadata"]
 
 
 def load_sae(path: str | Path, device=None):
