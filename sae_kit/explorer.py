@@ -25,7 +25,7 @@ import json
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from functools import lru_cache
 
 import numpy as np
@@ -33,9 +33,9 @@ import torch
 
 from .config import cache_dir
 from .metrics import forward_batched
+from .train import config_without_stamps, weights_digest
 
 _FORMAT = 2  # bump when `LatentIndex` changes, to invalidate cached indexes
-_STAMPS = ("model_name", "hook_name", "store_key", "scale")
 
 
 # ---- the precompute ----------------------------------------------------------------------------
@@ -103,14 +103,10 @@ class LatentIndex:
 
 
 def _index_key(sae, store, split: str, n_logits: int, n_neighbours: int) -> str:
-    h = hashlib.sha256()
-    cfg = {k: v for k, v in asdict(sae.cfg).items() if k not in _STAMPS}
-    h.update(json.dumps({"class": type(sae).__name__, "cfg": cfg, "mode": sae.mode, "store": store.spec.key(),
-                         "split": split, "n": [n_logits, n_neighbours], "format": _FORMAT},
-                        sort_keys=True, default=str).encode())
-    for t in sae.state_dict().values():
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:20]
+    desc = {"class": type(sae).__name__, "cfg": config_without_stamps(sae), "mode": sae.mode,
+            "store": store.spec.key(), "split": split, "n": [n_logits, n_neighbours], "format": _FORMAT,
+            "weights": weights_digest(sae)}
+    return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
 def atoms_to_residual(model, hook: str, W: torch.Tensor) -> torch.Tensor | None:

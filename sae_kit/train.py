@@ -221,15 +221,24 @@ def _n_train(store) -> int:
     return len(store.token_range("train")) if isinstance(store, ActivationStore) else len(store)
 
 
+def config_without_stamps(sae) -> dict:
+    """`sae.cfg` as a dict without the provenance `train` stamps in (what identifies the dictionary)."""
+    return {k: v for k, v in asdict(sae.cfg).items() if k not in _STAMPS}
+
+
+def weights_digest(sae) -> str:
+    """A hash of `sae`'s weights and buffers (its whole state dict)."""
+    h = hashlib.sha256()
+    for t in sae.state_dict().values():
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def initial_digest(sae) -> str:
-    """A hash of `sae`'s weights and clocks when it first met `train` (remembered on the object)."""
-    digest = getattr(sae, "_initial_digest", None)
-    if digest is None:
-        h = hashlib.sha256()
-        for t in sae.state_dict().values():
-            h.update(t.detach().cpu().contiguous().numpy().tobytes())
-        digest = sae._initial_digest = h.hexdigest()
-    return digest
+    """`weights_digest` of `sae` when it first met `train` (remembered on the object)."""
+    if getattr(sae, "_initial_digest", None) is None:
+        sae._initial_digest = weights_digest(sae)
+    return sae._initial_digest
 
 
 class Checkpoint:
@@ -250,7 +259,7 @@ class Checkpoint:
         if self.path.is_dir():
             raise IsADirectoryError(f"checkpoint={self.path} is a folder; give a file path, e.g. {self.path / 'run.ckpt'}")
         h = hashlib.sha256()
-        cfg = {k: v for k, v in asdict(sae.cfg).items() if k not in _STAMPS}
+        cfg = config_without_stamps(sae)
         h.update(json.dumps({"class": type(sae).__name__, "cfg": cfg, "args": args}, sort_keys=True,
                             default=str).encode())
         h.update(initial_digest(sae).encode())
@@ -335,7 +344,7 @@ def train_cached(sae, store, progress: bool = True, **train_kw):
     from .fsutil import atomic_write_text
     from .saes import load_sae
 
-    cfg = {k: v for k, v in asdict(sae.cfg).items() if k not in _STAMPS}  # a re-run of a trained object keys alike
+    cfg = config_without_stamps(sae)  # a re-run of a trained object keys alike
     desc = {"store": store.spec.key(), "class": type(sae).__name__, "cfg": cfg,
             "seed": getattr(sae, "init_seed", None), "train": {k: v for k, v in train_kw.items() if k != "desc"}}
     key = hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:16]
