@@ -1,97 +1,261 @@
-"""Side-by-side cost of one SAE training step, as ratios measured in one run (make bench).
+"""Side-by-side cost of one SAE training step, as ratios measured in one run (`make bench`).
 
-Compares the kit's sparse step (embedding_bag decode, encoder backward over the kept latents
-only) against plain dense autograd for the same TopK math, and the Mutual / Feature Choice steps
-against TopK; then the matching-pursuit step with the Gram-matrix trick against the textbook
-pursuit that recomputes every correlation with autograd (on a quarter of the batch: the textbook
-one is slow). Shapes follow DESIGN.md: d_in 576, d_sae 4608, k 32, batch 4096 (override by flags).
-Timings interleave the contenders round by round, so machine noise hits them alike.
+Section 1 puts the kit's TopK step next to SAELens's own TopK training step (training_forward_pass,
+backward, grad-norm clip, Adam, as its SAETrainer runs it) on the same batches, with AuxK idle (no
+dead latents) and on (10% of latents dead), at two batch sizes. The "floor" row is the work any
+TopK step must do: the encoder GEMM (x − b_dec)·W_enc + b_enc and the per-token top-k.
+Section 2 times every other dictionary against the kit's TopK; section 3 the kit's matching
+pursuit against the textbook autograd pursuit. Contenders are interleaved round by round, so
+machine noise hits them alike; ratios are medians of per-round ratios. Peak RSS is measured per
+contender in a fresh subprocess (a few steps alone), so one contender's memory does not hide
+another's. Shapes: d_in 576, d_sae 4608, k 32 (override with flags).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
 
-from sae_kit.saes import choice_sae, fvu_loss, mp_sae, topk_sae
+from sae_kit.saes import choice_sae, fvu_loss, gradient_sae, mp_sae, topk_sae
+from sae_kit.train import adam, train_step
+
+DEAD_SHARE = 0.10
 
 
-def dense_step(sae, x, opt):
-    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
-    v, i = pre.topk(sae.cfg.k, -1)
-    z = torch.zeros_like(pre).scatter(-1, i, torch.relu(v))
-    loss = fvu_loss(x, z @ sae.W_dec + sae.b_dec)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
+# ---- contenders: each is make(args, batch) -> step() -----------------------------------------
+def kit_topk(a, x, dead):
+    sae = topk_sae(a.d_in, a.d_sae, a.k)
+    return _kit(sae, x, dead)
 
 
-def textbook_mp_step(sae, x, opt):
+def _kit(sae, x, dead, g=None):
+    sae.train()
+    opt = adam(sae, 1e-4)
+    n_dead = int(dead * sae.cfg.d_sae)
+
+    def step():
+        if n_dead:  # keep the same latents dead every step (the bench is about cost, not learning)
+            sae.tokens_since_fired[:n_dead] = sae.cfg.dead_tokens
+        train_step(sae, opt, x, g)
+    return step
+
+
+def saelens_topk(a, x, dead):
+    from sae_lens.saes.sae import TrainStepInput
+    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+
+    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=a.d_in, d_sae=a.d_sae, k=a.k, dtype="float32",
+                                                device="cpu", aux_loss_coefficient=1 / 32))
+    sae.train()
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
+    mask = torch.zeros(a.d_sae, dtype=torch.bool)
+    mask[:int(dead * a.d_sae)] = True
+
+    def step():
+        out = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=mask,
+                                                       n_training_steps=0, is_logging_step=False))
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+    return step
+
+
+def floor(a, x, dead):
+    """The encoder GEMM and the top-k: what every TopK step must compute, nothing else."""
+    W, b = torch.randn(a.d_in, a.d_sae) / a.d_in ** 0.5, torch.zeros(a.d_sae)
+
+    def step():
+        torch.addmm(b, x, W).topk(a.k, dim=-1)
+    return step
+
+
+def dense_topk(a, x, dead):
+    """The same TopK math written as plain dense autograd (z scattered into a B×d_sae matrix)."""
+    sae = topk_sae(a.d_in, a.d_sae, a.k, aux_coef=0.0)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
+
+    def step():
+        pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+        v, i = pre.topk(sae.cfg.k, -1)
+        z = torch.zeros_like(pre).scatter(-1, i, torch.relu(v))
+        loss = fvu_loss(x, z @ sae.W_dec + sae.b_dec)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def kit_mc(a, x, dead):
+    return _kit(choice_sae("mc", a.d_in, a.d_sae, a.k), x, dead)
+
+
+def kit_fc(a, x, dead):
+    return _kit(choice_sae("fc", a.d_in, a.d_sae, a.k), x, dead)
+
+
+def kit_fc_zipf(a, x, dead):
+    return _kit(choice_sae("fc", a.d_in, a.d_sae, a.k, capacity="zipf", aux="zipf"), x, dead)
+
+
+def kit_gsae(a, x, dead):
+    g = torch.randn_like(x)
+    return _kit(gradient_sae(a.d_in, a.d_sae, a.k, beta=0.3), x, dead, g)
+
+
+def kit_mp(a, x, dead):
+    return _kit(mp_sae(a.d_in, a.d_sae, a.k), x, 0.0)
+
+
+def textbook_mp(a, x, dead):
     """Matching pursuit as usually written: correlations recomputed (and differentiated) each step."""
-    r = x - sae.b_dec
-    for _ in range(sae.cfg.k):
-        c = r @ sae.W_dec.t()
-        j = c.argmax(1, keepdim=True)
-        r = r - torch.relu(c.gather(1, j)) * sae.W_dec[j[:, 0]]
-    loss = fvu_loss(x, x - r)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
+    sae = mp_sae(a.d_in, a.d_sae, a.k)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
+
+    def step():
+        r = x - sae.b_dec
+        for _ in range(sae.cfg.k):
+            c = r @ sae.W_dec.t()
+            j = c.argmax(1, keepdim=True)
+            r = r - torch.relu(c.gather(1, j)) * sae.W_dec[j[:, 0]]
+        loss = fvu_loss(x, x - r)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
 
 
-def kit_step(sae, x, opt):
-    out = sae.loss(x)
-    opt.zero_grad(set_to_none=True)
-    out["loss"].backward()
-    sae.project_decoder_grad()
-    opt.step()
-    sae.normalize_decoder()
+CONTENDERS = {f.__name__: f for f in (kit_topk, saelens_topk, floor, dense_topk, kit_mc, kit_fc, kit_fc_zipf,
+                                      kit_gsae, kit_mp, textbook_mp)}
 
 
-def main():
+# ---- timing -----------------------------------------------------------------------------------
+def time_rounds(steps: dict, rounds: int) -> dict[str, list[float]]:
+    """Seconds per step of each contender, interleaved round by round (one warm-up step each)."""
+    for step in steps.values():
+        step()
+    times = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            t = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t)
+    return times
+
+
+def ratio(times, num, den) -> float:
+    """Median over rounds of time[num] / time[den]."""
+    return statistics.median(a / b for a, b in zip(times[num], times[den]))
+
+
+def peak_rss_mb(name: str, a, batch: int, dead: float) -> float:
+    """Memory one contender's step needs: the peak resident set of a fresh process over 3 steps,
+    minus its resident set once the contender and batch are built (Linux: peak reset through
+    /proc/self/clear_refs)."""
+    code = (f"import sys,torch; torch.set_num_threads({torch.get_num_threads()});"
+            f"import benchmarks.bench_train_step as b; a=b.parse([]);"
+            f"a.d_in,a.d_sae,a.k={a.d_in},{a.d_sae},{a.k};"
+            f"x=torch.randn({batch},{a.d_in})*3; s=b.CONTENDERS[{name!r}](a,x,{dead});"
+            f"base=b.rss_kb('VmRSS'); open('/proc/self/clear_refs','w').write('5');"
+            f"[s() for _ in range(3)]; print(b.rss_kb('VmHWM')-base)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[-1]) / 1024
+
+
+def rss_kb(field: str) -> int:
+    """A field of /proc/self/status, in kB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def table(title, rows):
+    print(f"\n{title}")
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    for j, r in enumerate(rows):
+        print("| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |")
+        if j == 0:
+            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+
+
+def section_saelens(a, results):
+    for batch in a.batches:
+        torch.manual_seed(0)
+        x = torch.randn(batch, a.d_in) * 3
+        steps = {"floor": floor(a, x, 0)}
+        for dead, tag in ((0.0, "aux idle"), (DEAD_SHARE, f"{DEAD_SHARE:.0%} dead, aux on")):
+            steps[f"SAELens TopK, {tag}"] = saelens_topk(a, x, dead)
+            steps[f"kit TopK, {tag}"] = kit_topk(a, x, dead)
+        times = time_rounds(steps, a.rounds)
+        rows = [("step", "ms/step", "vs SAELens (same aux)", "vs floor", "step memory MB")]
+        for name, ts in times.items():
+            tag = name.split(", ", 1)[-1]
+            vs_sl = ratio(times, f"SAELens TopK, {tag}", name) if name != "floor" else float("nan")
+            vs_floor = ratio(times, "floor", name)
+            contender, dead = ("floor", 0.0) if name == "floor" else (
+                ("kit_topk" if name.startswith("kit") else "saelens_topk"), DEAD_SHARE if "dead" in tag else 0.0)
+            rss = peak_rss_mb(contender, a, batch, dead) if a.rss else float("nan")
+            rows.append((name, f"{1000 * statistics.median(ts):.0f}", f"{vs_sl:.2f}x", f"{100 * vs_floor:.0f}%",
+                         f"{rss:.0f}"))
+            results[f"b{batch} {name}"] = {"ms": 1000 * statistics.median(ts), "vs_saelens": vs_sl,
+                                           "vs_floor": vs_floor, "peak_rss_mb": rss}
+        table(f"TopK training step, batch {batch}, d_in {a.d_in}, d_sae {a.d_sae}, k {a.k}, "
+              f"{torch.get_num_threads()} threads, {a.rounds} rounds (vs SAELens: its time / ours; "
+              f"vs floor: floor / ours)", rows)
+
+
+def section_family(a, results):
+    for batch in a.batches:
+        torch.manual_seed(0)
+        x = torch.randn(batch, a.d_in) * 3
+        names = ["kit_topk", "kit_mc", "kit_fc", "kit_fc_zipf", "kit_gsae", "kit_mp"]
+        steps = {n: CONTENDERS[n](a, x, 0.0) for n in names}
+        times = time_rounds(steps, a.rounds)
+        rows = [("dictionary", "ms/step", "vs kit TopK (its time / TopK's)")]
+        for n in names:
+            r = ratio(times, n, "kit_topk")
+            rows.append((n, f"{1000 * statistics.median(times[n]):.0f}", f"{r:.2f}x"))
+            results[f"b{batch} family {n}"] = {"ms": 1000 * statistics.median(times[n]), "vs_topk": r}
+        table(f"Every dictionary's step against TopK's, batch {batch} (aux idle)", rows)
+
+
+def section_mp(a, results):
+    x = torch.randn(a.batches[0] // 4, a.d_in) * 3
+    steps = {n: CONTENDERS[n](a, x, 0.0) for n in ("kit_mp", "textbook_mp")}
+    times = time_rounds(steps, a.rounds)
+    r = ratio(times, "textbook_mp", "kit_mp")
+    results["mp textbook/kit"] = r
+    table(f"Matching pursuit, batch {len(x)}", [("step", "ms/step"), *(
+        (n, f"{1000 * statistics.median(t):.0f}") for n, t in times.items()), ("textbook / kit", f"{r:.2f}x")])
+
+
+def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--d-in", type=int, default=576)
     ap.add_argument("--d-sae", type=int, default=4608)
     ap.add_argument("--k", type=int, default=32)
-    ap.add_argument("--batch", type=int, default=4096)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1024, 4096])
     ap.add_argument("--rounds", type=int, default=5)
-    a = ap.parse_args()
-    torch.manual_seed(0)
-    x = torch.randn(a.batch, a.d_in) * 3
-    contenders = {
-        "dense autograd TopK": (topk_sae(a.d_in, a.d_sae, a.k, aux_coef=0.0), dense_step),
-        "kit TopK (sparse)": (topk_sae(a.d_in, a.d_sae, a.k, aux_coef=0.0), kit_step),
-        "kit Mutual Choice": (choice_sae("mc", a.d_in, a.d_sae, a.k, aux="none"), kit_step),
-        "kit Feature Choice": (choice_sae("fc", a.d_in, a.d_sae, a.k, aux="none"), kit_step),
-    }
-    report(contenders, x, a.rounds, "kit TopK (sparse)")
-    mp = {"kit MP (Gram trick)": (mp_sae(a.d_in, a.d_sae, a.k), kit_step),
-          "textbook MP (autograd)": (mp_sae(a.d_in, a.d_sae, a.k), textbook_mp_step)}
-    report(mp, x[:a.batch // 4], a.rounds, "kit MP (Gram trick)")
+    ap.add_argument("--sections", nargs="+", default=["saelens", "family", "mp"])
+    ap.add_argument("--no-rss", dest="rss", action="store_false", help="skip the peak-RSS subprocesses")
+    ap.add_argument("--json", help="also write the numbers to this file")
+    return ap.parse_args(argv)
 
 
-def report(contenders, x, rounds, base_name):
-    """Time each contender's step, interleaved round by round, and print ratios to `base_name`."""
-    opts = {name: torch.optim.Adam(sae.parameters(), lr=1e-4) for name, (sae, _) in contenders.items()}
-    times = {name: [] for name in contenders}
-    for name, (sae, step) in contenders.items():  # warm-up
-        sae.train()
-        step(sae, x, opts[name])
-    for _ in range(rounds):
-        for name, (sae, step) in contenders.items():
-            t = time.perf_counter()
-            step(sae, x, opts[name])
-            times[name].append(time.perf_counter() - t)
-    base = statistics.median(times[base_name])
-    sae0 = next(iter(contenders.values()))[0]
-    print(f"\nd_in={sae0.cfg.d_in} d_sae={sae0.cfg.d_sae} k={sae0.cfg.k} batch={len(x)} threads={torch.get_num_threads()}")
-    print(f"{'step':24s} {'median ms':>10s} {'tokens/s':>10s} {'vs ' + base_name:>22s}")
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        print(f"{name:24s} {1000 * med:10.0f} {len(x) / med:10.0f} {med / base:21.2f}x")
+def main():
+    a = parse()
+    results = {"threads": torch.get_num_threads(), "torch": torch.__version__}
+    for s in a.sections:
+        {"saelens": section_saelens, "family": section_family, "mp": section_mp}[s](a, results)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(results, f, indent=1)
+
 
 if __name__ == "__main__":
     main()

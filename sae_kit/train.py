@@ -130,7 +130,7 @@ def train(sae, store, batch_size: int = 2048, epochs: int = 1, lr: float | None 
         sae.cfg.model_name, sae.cfg.hook_name, sae.cfg.store_key = store.spec.model, store.spec.hook, store.spec.key()
         sae.cfg.scale = get_scale().name
     lr = default_lr(sae.cfg.d_sae) if lr is None else lr
-    opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), eps=6.25e-10)
+    opt = adam(sae, lr)
     warm, decay_at = max(1, int(warmup_frac * n_steps)), int((1 - decay_frac) * n_steps)
 
     def lr_at(step: int) -> float:
@@ -164,12 +164,7 @@ def train(sae, store, batch_size: int = 2048, epochs: int = 1, lr: float | None 
                                      f"re-harvest the store (it may be corrupt) or check its dtype")
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
-        out = sae.loss(x, g)
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        sae.project_decoder_grad()
-        opt.step()
-        sae.normalize_decoder()
+        out = train_step(sae, opt, x, g)
         seen += len(x)
         hist.step.append(step)
         hist.tokens.append(seen)
@@ -189,6 +184,26 @@ def train(sae, store, batch_size: int = 2048, epochs: int = 1, lr: float | None 
     if ckpt is not None and not keep_checkpoint:
         ckpt.remove()
     return hist
+
+
+def adam(sae, lr: float) -> torch.optim.Adam:
+    """Adam with Gao et al.'s eps, fused into one kernel per tensor where torch has one (CPU and
+    CUDA: ~5x faster than the per-op version on 2 CPU cores, `make bench`)."""
+    fused = sae.device.type in ("cpu", "cuda") and sae.W_dec.dtype in (torch.float32, torch.float64,
+                                                                       torch.float16, torch.bfloat16)
+    return torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), eps=6.25e-10, fused=fused or None)
+
+
+def train_step(sae, opt: torch.optim.Optimizer, x: torch.Tensor, g: torch.Tensor | None = None) -> dict:
+    """One optimiser step on batch x (and its gradients g): loss, backward, the decoder's gradient
+    made tangent to the unit sphere, Adam, atoms renormalised. Returns `sae.loss`'s dict."""
+    out = sae.loss(x, g)
+    opt.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    sae.project_decoder_grad()
+    opt.step()
+    sae.normalize_decoder()
+    return out
 
 
 def _check_store(sae, store, grads: bool, force: bool):

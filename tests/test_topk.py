@@ -8,13 +8,14 @@ from sae_kit.saes import TopKConfig, fvu_loss, geometric_median, topk_sae
 
 
 def dense_reference_loss(sae, x, k, k_aux):
-    """Plain autograd TopK + AuxK (all latents dead), as in METHODS §1.2."""
+    """Plain autograd TopK + AuxK (all latents dead; the aux top-k skips the pairs the main code kept)."""
     pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
     v, i = pre.topk(k, -1)
     z = torch.zeros_like(pre).scatter(-1, i, torch.relu(v))
     x_hat = z @ sae.W_dec + sae.b_dec
     e = (x - x_hat).detach()
-    va, ia = pre.topk(k_aux, -1)
+    main = torch.zeros_like(pre, dtype=torch.bool).scatter(-1, i, True)
+    va, ia = pre.masked_fill(main, float("-inf")).topk(k_aux, -1)
     e_hat = torch.zeros_like(pre).scatter(-1, ia, torch.relu(va)) @ sae.W_dec
     return fvu_loss(x, x_hat) + sae.cfg.aux_coef * fvu_loss(e, e_hat)
 
@@ -30,6 +31,27 @@ def test_sparse_backward_equals_dense_autograd(rng):
     dense_reference_loss(sae, x, 5, 12).backward()
     for n, p in sae.named_parameters():
         assert torch.allclose(ours[n], p.grad, atol=1e-6, rtol=1e-4), n
+
+
+def test_aux_pairs_skip_the_main_codes_pairs():
+    """A hand-checkable case: 2 tokens, 5 latents, latents 1..4 eligible, k_aux 2."""
+    from sae_kit.saes.base import SparseCode, aux_pairs
+
+    pre = torch.tensor([[9.0, 8.0, 7.0, 1.0, 0.5],
+                        [0.0, 3.0, 6.0, 5.0, 4.0]])
+    eligible = torch.tensor([False, True, True, True, True])
+    main = SparseCode(torch.tensor([0, 0, 1]), torch.tensor([0, 1, 2]), torch.ones(3), (2, 5))
+    rows, cols, ok = aux_pairs(pre, eligible, 2, main)
+    # token 0: latent 1 is kept by the main code, 0 is not eligible -> 2 and 3; token 1: 2 is kept -> 3 and 4
+    assert rows.tolist() == [0, 0, 1, 1]
+    assert cols.tolist() == [2, 3, 3, 4]
+    assert ok.tolist() == [1, 1, 1, 1]
+    # without the main code's pairs masked, token 0 would take latent 1 again (the double count)
+    assert aux_pairs(pre, eligible, 2)[1].tolist()[:2] == [1, 2]
+    # fewer free eligible pairs than k_aux: the extra slot is marked not ok
+    rows, cols, ok = aux_pairs(pre, torch.tensor([False, True, True, False, False]), 2, main)
+    assert ok.tolist() == [1, 0, 1, 0]
+    assert cols[0] == 2 and cols[2] == 1
 
 
 def test_topk_keeps_exactly_the_k_largest(rng):
