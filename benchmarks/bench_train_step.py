@@ -4,8 +4,10 @@ Section 1 puts the kit's TopK step next to SAELens's own TopK training step (tra
 backward, grad-norm clip, Adam, as its SAETrainer runs it) on the same batches, with AuxK idle (no
 dead latents) and on (10% of latents dead), at two batch sizes. The "floor" row is the work any
 TopK step must do: the encoder GEMM (x − b_dec)·W_enc + b_enc and the per-token top-k.
-Section 2 times every other dictionary against the kit's TopK; section 3 the kit's matching
-pursuit against the textbook autograd pursuit. Contenders are interleaved round by round, so
+Section 2 times every other dictionary against the kit's TopK (selection cost: auxiliary losses
+idle); section 3 the kit's matching pursuit against the textbook autograd pursuit; section 4 the
+harvest's tokens/s against the bare model on the same windows (a forward to the hooked layer; with
+gradients, a full forward and backward). Contenders are interleaved round by round, so
 machine noise hits them alike; ratios are medians of per-round ratios. Peak RSS is measured per
 contender in a fresh subprocess (a few steps alone), so one contender's memory does not hide
 another's. Shapes: d_in 576, d_sae 4608, k 32 (override with flags).
@@ -19,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -101,7 +104,7 @@ def kit_fc(a, x, dead):
 
 
 def kit_fc_zipf(a, x, dead):
-    return _kit(choice_sae("fc", a.d_in, a.d_sae, a.k, capacity="zipf", aux="zipf"), x, dead)
+    return _kit(choice_sae("fc", a.d_in, a.d_sae, a.k, capacity="zipf", aux="none"), x, dead)
 
 
 def kit_gsae(a, x, dead):
@@ -234,6 +237,61 @@ def section_mp(a, results):
         (n, f"{1000 * statistics.median(t):.0f}") for n, t in times.items()), ("textbook / kit", f"{r:.2f}x")])
 
 
+def section_harvest(a, results):
+    """Tokens/s of `harvest` against a bare forward (and forward + backward) on the same windows."""
+    import shutil
+    import tempfile
+
+    from sae_kit import ActivationStore, harvest, load_model
+    from sae_kit.activations import validate_hook
+
+    model = load_model()
+    hook = "blocks.8.hook_resid_post"
+    layer = validate_hook(model, hook)
+    rows = [("harvest", "tokens/s", "bare model, tokens/s", "harvest / bare")]
+    for grads in (False, True):
+        tag = "with gradients" if grads else "activations"
+        t_h, t_b = [], []
+        for r in range(a.harvest_rounds):
+            tmp = Path(tempfile.mkdtemp(prefix="sae-kit-bench-"))
+            try:
+                t = time.perf_counter()
+                harvest(model, hook, n_tokens=a.harvest_tokens, path=tmp / "store", with_grads=grads,
+                        progress=False, seed=r)
+                t_h.append(time.perf_counter() - t)
+                toks = ActivationStore(tmp / "store").tokens
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            t = time.perf_counter()
+            for w0 in range(0, len(toks), 32):  # harvest's batch_windows
+                _bare(model, toks[w0:w0 + 32], layer, grads)
+            t_b.append(time.perf_counter() - t)
+        n = a.harvest_tokens
+        ratio_ = statistics.median(b / h for h, b in zip(t_h, t_b))
+        rows.append((tag, f"{n / statistics.median(t_h):.0f}", f"{n / statistics.median(t_b):.0f}", f"{ratio_:.2f}x"))
+        results[f"harvest {tag}"] = {"tokens_per_s": n / statistics.median(t_h),
+                                     "bare_tokens_per_s": n / statistics.median(t_b), "ratio": ratio_}
+    table(f"Harvest at {hook}, {a.harvest_tokens} tokens, {a.harvest_rounds} rounds (harvest / bare: "
+          f"harvest's tokens/s over the bare model's)", rows)
+
+
+def _bare(model, toks, layer, grads):
+    """The model's own work for one batch: a forward to the layer, or a full forward + backward to it."""
+    if not grads:
+        with torch.no_grad():
+            model(toks.long(), stop_at_layer=layer + 1)
+        return
+    with torch.enable_grad():
+        act = {}
+
+        def grab(a, hook):
+            act["a"] = a.detach().requires_grad_(True)
+            return act["a"]
+        logits = model.run_with_hooks(toks.long(), fwd_hooks=[(f"blocks.{layer}.hook_resid_post", grab)])
+        lp = torch.log_softmax(logits[:, :-1].float(), -1)
+        torch.autograd.grad(-lp.gather(-1, toks.long()[:, 1:, None]).sum(), act["a"])
+
+
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--d-in", type=int, default=576)
@@ -241,7 +299,9 @@ def parse(argv=None):
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--batches", type=int, nargs="+", default=[1024, 4096])
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--sections", nargs="+", default=["saelens", "family", "mp"])
+    ap.add_argument("--sections", nargs="+", default=["saelens", "family", "mp", "harvest"])
+    ap.add_argument("--harvest-tokens", type=int, default=8192)
+    ap.add_argument("--harvest-rounds", type=int, default=3)
     ap.add_argument("--no-rss", dest="rss", action="store_false", help="skip the peak-RSS subprocesses")
     ap.add_argument("--json", help="also write the numbers to this file")
     return ap.parse_args(argv)
@@ -251,7 +311,7 @@ def main():
     a = parse()
     results = {"threads": torch.get_num_threads(), "torch": torch.__version__}
     for s in a.sections:
-        {"saelens": section_saelens, "family": section_family, "mp": section_mp}[s](a, results)
+        {"saelens": section_saelens, "family": section_family, "mp": section_mp, "harvest": section_harvest}[s](a, results)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(results, f, indent=1)

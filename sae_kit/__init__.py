@@ -3,10 +3,10 @@
 Start with ``sae_kit.setup(seed=0)``; sizes come from ``SAE_KIT_SCALE`` (ci | lab | paper).
 """
 
-from . import plots
+from . import checks, plots
 from .activations import ActivationStore, StoreMismatchError, default_hook, get_store, harvest
 from .claims import Claims
-from .config import Scale, cache_dir, get_device, get_scale, setup
+from .config import Scale, cache_dir, get_device, get_scale, results_dir, setup
 from .corpus import load_texts, stdlib_docs, token_windows
 from .explorer import context_table, explore, latent_card, top_contexts
 from .metrics import reconstruction_metrics

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import html
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -67,14 +66,15 @@ class Claims:
         return f"Claims({self.notebook}, scale={self.scale})\n" + self.to_markdown()
 
     def save(self, folder: str | Path | None = None) -> Path:
-        """Write ``<folder>/<notebook>.json`` (default folder: $SAE_KIT_RESULTS or results/claims)."""
-        folder = Path(folder or os.environ.get("SAE_KIT_RESULTS", "results") ) / "claims"
+        """Write ``<folder>/claims/<notebook>.json`` (default folder: `config.results_dir`)."""
+        from .config import results_dir
+        from .fsutil import atomic_write_text
+
+        folder = Path(folder or results_dir()) / "claims"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{self.notebook}.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"notebook": self.notebook, "scale": self.scale,
-                                   "claims": [asdict(c) for c in self.items]}, indent=1))
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps({"notebook": self.notebook, "scale": self.scale,
+                                            "claims": [asdict(c) for c in self.items]}, indent=1))
         return path
 
     @classmethod

@@ -109,6 +109,26 @@ def cache_dir() -> Path:
     return path
 
 
+def results_dir() -> Path:
+    """Where claims tables and figures go: $SAE_KIT_RESULTS if set, else ``results/`` at the root of
+    the sae-kit checkout that holds the working directory (so a notebook run from ``notebooks/`` or
+    ``labs/`` in JupyterLab, `make reproduce` and the tests all write to one place), else
+    ``./results``."""
+    env = os.environ.get("SAE_KIT_RESULTS")
+    if env:
+        return Path(env).expanduser()
+    here = Path.cwd().resolve()
+    for folder in (here, *here.parents):
+        project = folder / "pyproject.toml"
+        if project.is_file() and (folder / "sae_kit").is_dir():
+            try:
+                if 'name = "sae-kit"' in project.read_text(errors="replace"):
+                    return folder / "results"
+            except OSError:
+                break
+    return here / "results"
+
+
 def setup(seed: int = 0, device: str | None = None, quiet: bool = True) -> torch.device:
     """Seed every generator, pick the device, enable fast-but-safe matmuls; first cell of a notebook.
 

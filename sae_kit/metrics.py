@@ -1,4 +1,4 @@
-"""Standard SAE metrics, exactly as METHODS.md §7 defines them: functions of tensors and of a
+"""Standard SAE metrics, exactly as docs/methods.md §7 defines them: functions of tensors and of a
 dictionary, no model. FVU, per-token nMSE, L0, density, dead / dense fractions; reconstruction at
 another budget than the trained one (`fvu_by_budget`); the decoder's geometry (`coherence`).
 

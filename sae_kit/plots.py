@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -12,9 +10,11 @@ import torch
 
 
 def save_figure(fig, name: str | None = None):
-    """Save `fig` as results/figures/<name>.png (folder from $SAE_KIT_RESULTS) when a name is given."""
+    """Save `fig` as <results>/figures/<name>.png (`config.results_dir`) when a name is given."""
     if name:
-        folder = Path(os.environ.get("SAE_KIT_RESULTS", "results")) / "figures"
+        from .config import results_dir
+
+        folder = results_dir() / "figures"
         folder.mkdir(parents=True, exist_ok=True)
         fig.savefig(folder / f"{name}.png", dpi=110, bbox_inches="tight")
     return fig

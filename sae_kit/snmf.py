@@ -7,7 +7,7 @@ unconstrained — each column a *feature*, a sparse combination of co-firing neu
 tokens, every feature comes with the inputs that build it (its top tokens), and because ``F``
 lives in neuron space, ``W_out F_j`` is the feature's write to the residual stream.
 
-One iteration (METHODS §5.1, the authors' ``NMFSemiNMF``):
+One iteration (docs/methods.md §5.1, the authors' ``NMFSemiNMF``):
 1. ``F ← A G (GᵀG + 1e-6·I)⁻¹`` (least squares);
 2. keep the ``ceil(sparsity · d_mlp)`` largest |F| entries of each column, zero the rest;
 3. rescale: unit-norm columns of ``G``, norms moved into ``F``;
@@ -53,6 +53,25 @@ def _neg(X):
     return (X.abs() - X) / 2
 
 
+def update_F(A: torch.Tensor, G: torch.Tensor, keep: int, eye: torch.Tensor | None = None) -> torch.Tensor:
+    """Steps 1-2: the least-squares F = A G (GᵀG + 1e-6·I)⁻¹, then each column (feature) keeps its
+    `keep` largest |F| entries (neurons) and zeros the rest."""
+    if eye is None:
+        eye = 1e-6 * torch.eye(G.shape[1], device=G.device, dtype=G.dtype)
+    F = A @ G @ torch.linalg.inv(G.t() @ G + eye)
+    if keep < A.shape[0]:
+        thresh = F.abs().topk(keep, dim=0).values[-1:]  # per column
+        F = torch.where(F.abs() >= thresh, F, torch.zeros((), device=F.device, dtype=F.dtype))
+    return F
+
+
+def update_G(A: torch.Tensor, F: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """Step 4, Ding, Li and Jordan's multiplicative update, which keeps G ≥ 0:
+    G ⊙ sqrt((P⁺ + G Q⁻) / (P⁻ + G Q⁺ + 1e-6)) with P = AᵀF, Q = FᵀF."""
+    P, Q = A.t() @ F, F.t() @ F
+    return G * torch.sqrt((_pos(P) + G @ _neg(Q)) / (_neg(P) + G @ _pos(Q) + 1e-6))
+
+
 def fit_snmf(A: torch.Tensor, rank: int, sparsity: float = 0.01, max_iter: int = 2000, patience: int = 200,
              tol: float = 1e-4, seed: int = 0, device=None, progress: bool = True) -> SNMFResult:
     """Factorise A [d_mlp, n_tokens] ≈ F Gᵀ with G ≥ 0 and a fraction `sparsity` of neurons per feature.
@@ -86,14 +105,11 @@ def fit_snmf(A: torch.Tensor, rank: int, sparsity: float = 0.01, max_iter: int =
     losses = []
     bar = tqdm(range(max_iter), desc=f"SNMF rank {rank}", disable=bars_off(progress))
     for it in bar:
-        F = A @ G @ torch.linalg.inv(G.t() @ G + eye)
-        if keep < d:
-            thresh = F.abs().topk(keep, dim=0).values[-1:]  # per column
-            F = torch.where(F.abs() >= thresh, F, torch.zeros((), device=device))
+        F = update_F(A, G, keep, eye)
         s = G.norm(dim=0).clamp_min(1e-12)
         G, F = G / s, F * s
-        P, Q = A.t() @ F, F.t() @ F
-        G = G * torch.sqrt((_pos(P) + G @ _neg(Q)) / (_neg(P) + G @ _pos(Q) + 1e-6))
+        G = update_G(A, F, G)
+        Q = F.t() @ F
         # ‖A − FGᵀ‖² = ‖A‖² − 2⟨AᵀF, G⟩ + ⟨FᵀF, GᵀG⟩ (no d×n residual needed)
         loss = float((normA - 2 * (A.t() @ F * G).sum() + (Q * (G.t() @ G)).sum()) / normA)
         losses.append(loss)

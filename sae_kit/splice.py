@@ -1,4 +1,4 @@
-"""Splicing a reconstruction into the real model: ΔCE, CE recovered and KL (METHODS.md §7).
+"""Splicing a reconstruction into the real model: ΔCE, CE recovered and KL (docs/methods.md §7).
 
 `Splicer` replaces the hooked activation with a dictionary's reconstruction (or any replacement)
 inside the language model and measures the next-token cross-entropy, CE-loss-recovered against
@@ -104,6 +104,25 @@ class Splicer:
         s, c, z = ce / n, self.ce_clean, self.ce_zero
         return {"ce_clean": c, "ce_spliced": s, "ce_zero": z, "delta_ce": s - c,
                 "ce_recovered": (z - s) / (z - c) if z != c else float("nan"), "kl": kl / n}
+
+
+def delta_ce_from_logp(logp_clean: torch.Tensor, logp_spliced: torch.Tensor, tokens: torch.Tensor,
+                       skip_first: int = 1, skip_last: int = 1) -> float:
+    """ΔCE (nats per prediction) from whole-window log-probabilities, scored as `Splicer` scores it.
+
+    Args:
+        logp_clean, logp_spliced: [n_windows, T, vocab] log-softmax of the clean and spliced runs.
+        tokens: [n_windows, T] the windows' tokens.
+        skip_first, skip_last: positions left out at each end (the store's; 1 and 1 by default).
+
+    The predictions scored are those made from positions skip_first .. T−1−skip_last (the stored,
+    spliced positions), each against the next token. Position 0 is left out: the first token is an
+    attention sink with an outsized norm, and the kit neither stores nor splices it.
+    """
+    sl = slice(skip_first, tokens.shape[1] - skip_last)
+    targets = tokens[:, sl.start + 1: sl.stop + 1].long()[..., None]
+    ce = [-lp[:, sl].gather(-1, targets).double().mean() for lp in (logp_clean, logp_spliced)]
+    return float(ce[1] - ce[0])
 
 
 def splice_metrics(model, store, sae=None, n_seqs: int = 64, batch_seqs: int = 16,

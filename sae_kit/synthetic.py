@@ -1,6 +1,6 @@
 """Synthetic data with a known feature hierarchy, and a matcher from learned atoms to true features.
 
-`Hierarchy` follows the MP-SAE paper's toy setting (METHODS §4.2): in ``d`` dimensions, a few
+`Hierarchy` follows the MP-SAE paper's toy setting (docs/methods.md §4.2): in ``d`` dimensions, a few
 *parents*, each with mutually exclusive *children* (at most one child is on, and only when its
 parent is), plus independent *singletons*. Each active feature contributes ``m · f`` with a
 magnitude ``m ~ 1.5 + 0.25·N(0, 1)`` (clipped at 0).

@@ -28,7 +28,7 @@ _STAMPS = ("model_name", "hook_name", "store_key", "scale")  # provenance `train
 
 
 def default_lr(d_sae: int) -> float:
-    """2e-4 · sqrt(16384 / d_sae) (EleutherAI's rule, METHODS §1.4), doubled for short CPU runs."""
+    """2e-4 · sqrt(16384 / d_sae) (EleutherAI's rule, docs/methods.md §1.4), doubled for short CPU runs."""
     return 4e-4 * math.sqrt(16384 / d_sae)
 
 
@@ -344,10 +344,16 @@ def _batches(store, batch_size, epochs, seed, device, grads):
             store.n_batches(batch_size, "train", epochs))
 
 
+# Part of every cache key of `train_cached`: bump it when a change to the kit changes the weights a
+# training run produces (2: AuxK no longer re-picks the main code's pairs), so no stale SAE is reused.
+TRAINING_REVISION = 2
+
+
 def train_cached(sae, store, progress: bool = True, **train_kw):
     """`train`, or load the result of an identical earlier run from the kit's cache.
 
-    The key is the store, the SAE's class, config and init seed, and the training arguments, so
+    The key is the store, the SAE's class, config and init seed, the training arguments and
+    `TRAINING_REVISION` (bumped whenever a change to the kit changes what training produces), so
     notebooks that train the same SAE on the same store share it (e.g. 00 and 05). Training
     checkpoints beside the cached SAE, so an interrupted run (a killed kernel) resumes where it
     stopped when the cell runs again.
@@ -360,7 +366,7 @@ def train_cached(sae, store, progress: bool = True, **train_kw):
     from .saes import load_sae
 
     cfg = config_without_stamps(sae)  # a re-run of a trained object keys alike
-    desc = {"store": store.spec.key(), "class": type(sae).__name__, "cfg": cfg,
+    desc = {"revision": TRAINING_REVISION, "store": store.spec.key(), "class": type(sae).__name__, "cfg": cfg,
             "seed": getattr(sae, "init_seed", None), "train": {k: v for k, v in train_kw.items() if k != "desc"}}
     key = hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:16]
     path = cache_dir() / "saes" / f"{sae.label.replace(' ', '-').replace('=', '')}-{sae.cfg.d_sae}-{key}"

@@ -138,3 +138,20 @@ def test_mutual_choice_fast_search_equals_the_full_search(rng):
         expect = torch.zeros(16 * 64, dtype=torch.bool)
         expect[top] = True
         assert torch.equal(keep.reshape(-1), expect)
+
+
+def test_mutual_choice_fast_selection_equals_the_mask():
+    """batch_select (from each row's candidates) keeps exactly batch_keep's pairs, and falls back to it
+    when one token would keep more than its candidates."""
+    from sae_kit.saes import choice_sae
+
+    sae = choice_sae("mc", 4, 64, 3)
+    gen = torch.Generator().manual_seed(0)
+    spiky = torch.randn(16, 64, generator=gen)
+    spiky[2] += 10  # token 2 takes far more than 4k = 12 entries: the fallback path
+    for pre in (torch.randn(32, 64, generator=gen), spiky):
+        rows, cols, cut = sae.batch_select(pre)
+        keep, cut2 = sae.batch_keep(pre)
+        assert torch.equal(keep.nonzero(), torch.stack([rows, cols], 1)[torch.argsort(rows * 64 + cols)])
+        assert bool((rows[1:] >= rows[:-1]).all()) and torch.equal(cut, cut2)
+        assert len(rows) == 3 * len(pre)

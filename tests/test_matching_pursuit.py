@@ -185,3 +185,33 @@ def test_mp_may_run_more_steps_than_atoms_but_topk_may_not():
     assert sae.pursue(x).cols.numel() == 5 * 6
     with pytest.raises(ValueError, match="k must satisfy"):
         topk_sae(4, 3, k=3)
+
+
+def test_pursuit_backward_equals_autograd_replay():
+    """The reverse-recurrence backward gives the gradients of autograd through the replayed pursuit."""
+    import torch.nn.functional as F
+
+    from sae_kit.saes import mp_sae
+
+    gen = torch.Generator().manual_seed(3)
+    sae = mp_sae(6, 10, 5).double()
+    x = torch.randn(7, 6, generator=gen, dtype=torch.float64) * 2
+    with torch.no_grad():
+        sae.b_dec.copy_(torch.randn(6, generator=gen, dtype=torch.float64) * 0.1)
+    w = torch.randn(7, 6, generator=gen, dtype=torch.float64)
+    code = sae.pursue(x)
+    ((sae._decode_code(code) * w).sum() + (code.vals ** 2).sum()).backward()
+    ours = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    sae.zero_grad()
+    idx, v = sae.choose((x - sae.b_dec).detach(), 5)
+    r, vals = x - sae.b_dec, []
+    for t in range(5):  # the textbook replay with autograd
+        d = sae.W_dec[idx[:, t]]
+        a = F.relu((r * d).sum(1)) * (v[:, t] > 0)
+        r = r - a[:, None] * d
+        vals.append(a)
+    vals = torch.stack(vals, 1)
+    x_hat = (vals[..., None] * sae.W_dec[idx]).sum(1) + sae.b_dec
+    ((x_hat * w).sum() + (vals ** 2).sum()).backward()
+    for n, p in sae.named_parameters():
+        assert torch.allclose(ours[n], p.grad, atol=1e-10), n

@@ -117,6 +117,25 @@ def test_steering_hits_the_kl_target_and_scores_are_bounded(model):
     assert 0 <= s["harmonic"] <= min(1.0, 2 * min(s["concept_score"], s["fluency"]) + 1e-9)
 
 
+def test_batched_steering_equals_one_row_at_a_time(model):
+    """kl_rows / alpha_for_kl_rows run the same bisection as the one-direction calls, in batched forwards."""
+    st = steering.Steerer(model, "blocks.6.mlp.hook_post", n_samples=2, new_tokens=4)
+    gen = torch.Generator().manual_seed(1)
+    V = torch.randn(3, model.cfg.d_mlp, generator=gen)
+    V = V / V.norm(dim=1, keepdim=True)
+    alphas = torch.tensor([0.5, 3.0, 10.0])
+    assert torch.allclose(st.kl_rows(V, alphas), torch.tensor([st.kl(v, float(a)) for v, a in zip(V, alphas)]),
+                          rtol=1e-3, atol=1e-6)
+    targets = torch.tensor([0.05, 0.1, 0.2])
+    a_rows, k_rows = st.alpha_for_kl_rows(V, targets)
+    for v, t, a, k in zip(V, targets, a_rows, k_rows):
+        a1, k1 = st.alpha_for_kl(v, float(t))
+        assert float(a) == pytest.approx(a1, rel=1e-3) and float(k) == pytest.approx(k1, rel=1e-2)
+        assert float(k) == pytest.approx(float(t), rel=0.011)
+    rows = st.score_rows(V[:2], a_rows[:2].float(), [[5, 6], [7]])
+    assert len(rows) == 2 and all(0 < r["fluency"] <= 1 for r in rows)
+
+
 def test_bootstrap_ci():
     m, lo, hi = bootstrap_ci([1.0, 1.0, 1.0])
     assert (m, lo, hi) == (1.0, 1.0, 1.0)

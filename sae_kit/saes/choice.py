@@ -8,7 +8,7 @@ affinities (pre-activations), and the budget is k·B kept entries.
 - **Feature Choice** (FC): every feature (column) j keeps its own top m_j tokens, Σ m_j = k·B.
   A token may get zero features; a feature with m_j positive affinities can never be dead.
 
-The paper has no public code; these parts are the kit's reconstruction (METHODS §2.2), each a
+The paper has no public code; these parts are the kit's reconstruction (docs/methods.md §2.2), each a
 field of `ChoiceConfig`:
 - FC capacities: ``capacity="uniform"`` (m_j = k·B/n) or ``"zipf"``: m_j ∝ (r_j + b)^−α for the
   feature's rank r_j by running density, (α, b) fitted on a trained TopK SAE's densities
@@ -152,7 +152,7 @@ class _ChoiceSAE(SAE):
 
     def select(self, pre, g=None, k=None):
         if self.training or self.mode == "batch":
-            keep, cutoff = self.batch_keep(pre, self._budget(k))
+            return self.batch_select(pre, self._budget(k))
         else:
             if k is not None:
                 raise ValueError("threshold inference has no budget: each latent fires above its learned "
@@ -167,6 +167,12 @@ class _ChoiceSAE(SAE):
     def batch_keep(self, pre: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(keep mask [B, d_sae], the selection's cut-off) of the batch rule at budget `k` (None: cfg.k)."""
         raise NotImplementedError
+
+    def batch_select(self, pre: torch.Tensor, k: int | None = None) -> Selection:
+        """The batch rule's kept pairs (rows sorted); the same pairs as `batch_keep`'s mask."""
+        keep, cutoff = self.batch_keep(pre, k)
+        rows, cols = keep.nonzero(as_tuple=True)  # row-major: rows come out sorted
+        return Selection(rows, cols, cutoff)
 
     def zipf_expected_density(self) -> torch.Tensor:
         """k·p(rank) for each feature, ranked by its running density."""
@@ -204,13 +210,31 @@ class MutualChoiceSAE(_ChoiceSAE):
 
     architecture = "mc"
 
+    def _candidates(self, pre, k):
+        """Each row's top 4k entries (values descending, indices) and the budget-th largest of them."""
+        budget = k * pre.shape[0]
+        cand, idx = pre.topk(min(pre.shape[1], 4 * k), dim=1)  # [B, 4k]
+        kth = cand.reshape(-1).kthvalue(cand.numel() - budget + 1).values
+        return cand, idx, kth, budget
+
+    def batch_select(self, pre, k=None):
+        """Straight from the candidates when they hold the whole selection (the usual case): no pass
+        over the full B × d_sae matrix. Falls back to `batch_keep` otherwise (ties, or a token that
+        would keep more than 4k)."""
+        k = self.cfg.k if k is None else k
+        cand, idx, kth, budget = self._candidates(pre, k)
+        if bool((cand[:, -1] < kth).all()) and int((cand == kth).sum()) == 1:
+            # every row's kept entries are among its candidates, and the cut-off has no tie
+            take = cand >= kth
+            rows = torch.arange(pre.shape[0], device=pre.device)[:, None].expand_as(take)[take]
+            return Selection(rows, idx[take], kth.reshape(1))
+        return super().batch_select(pre, k)
+
     def batch_keep(self, pre, k=None):
         k = self.cfg.k if k is None else k
-        budget = k * pre.shape[0]
         # the budget-th largest entry, searched among each row's top 4k first (exact unless some
         # row would keep more than 4k; then over the whole matrix)
-        cand = pre.topk(min(pre.shape[1], 4 * k), dim=1).values  # [B, 4k], descending
-        kth = cand.reshape(-1).kthvalue(cand.numel() - budget + 1).values
+        cand, _, kth, budget = self._candidates(pre, k)
         if bool((cand[:, -1] > kth).any()):
             flat = pre.reshape(-1)
             kth = flat.kthvalue(flat.numel() - budget + 1).values

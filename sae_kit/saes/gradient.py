@@ -11,7 +11,7 @@ change if latent i were removed, so the rule prefers latents that both fire and 
 values* stay the plain activations z_i: gradients change which latents are kept, nothing else.
 β = 0 is TopK exactly. Training otherwise follows TopK (AuxK, unit-norm decoder, tied init).
 
-No public code exists; these are the kit's choices (METHODS §3.1, [recon]):
+No public code exists; these are the kit's choices (docs/methods.md §3.1):
 - g is normalised per token, ĝ = g / mean_j |d_j · g| over the dictionary, so the factor
   |d_i · ĝ| averages 1 for every token and β is unitless;
 - g comes from the store (one backward pass per token at harvest, since it does not depend on
