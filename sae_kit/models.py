@@ -219,7 +219,7 @@ def load_model(name: str = DEFAULT_MODEL, device: str | torch.device | None = No
                                       device=str(dev), dtype=dtype)
         with _quiet():
             model = HookedTransformer(cfg, tokenizer=tok, move_to_device=False)
-        model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
+        load_weights(model, load_file(str(folder / "model.safetensors")), folder / "model.safetensors")
         torch.nn.Module.to(model, device=dev, dtype=dtype)  # TransformerLens's .to() prints
     else:
         try:
@@ -235,6 +235,23 @@ def load_model(name: str = DEFAULT_MODEL, device: str | torch.device | None = No
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def load_weights(model, state: dict, source="the converted weights") -> None:
+    """Load `state` into `model`, refusing anything but missing *buffers* (TransformerLens's masks
+    and rotary tables, which it rebuilds itself): a missing or unexpected weight would otherwise be
+    left at its random initialisation, or silently dropped."""
+    result = model.load_state_dict(state, strict=False)
+    params = dict(model.named_parameters())
+    missing = [k for k in result.missing_keys if k in params]
+    if missing or result.unexpected_keys:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} weights missing (e.g. {', '.join(missing[:3])})")
+        if result.unexpected_keys:
+            parts.append(f"{len(result.unexpected_keys)} unexpected (e.g. {', '.join(result.unexpected_keys[:3])})")
+        raise RuntimeError(f"{source} do not fit the model: {'; '.join(parts)}. The converted copy in the kit's "
+                           f"cache may be from another version; delete {Path(str(source)).parent} and load again")
 
 
 def model_id(model) -> str:

@@ -29,6 +29,8 @@ def test_splice_identity_costs_nothing_and_zero_costs_a_lot(model, small_store):
     assert out["delta_ce"] == pytest.approx(0.0, abs=1e-4) and out["kl"] == pytest.approx(0.0, abs=1e-4)
     assert out["ce_zero"] > out["ce_clean"] + 1.0
     assert out["ce_recovered"] == pytest.approx(1.0, abs=1e-4)
+    assert out["ce_clean"] < out["ce_mean_ablated"] < out["ce_zero"]  # mean ablation: gentler than zero
+    assert out["ce_recovered_mean"] == pytest.approx(1.0, abs=1e-4)
     noisy = splice.splice_metrics(model, small_store, replace=lambda a: a + 30 * torch.randn_like(a),
                                    n_seqs=4, progress=False)
     assert noisy["delta_ce"] > 0.05 and noisy["kl"] > 0.05

@@ -108,3 +108,18 @@ def test_progress_bars_obey_tqdm_disable(monkeypatch):
     assert bars_off(True) is False and bars_off(False) is True
     monkeypatch.setenv("TQDM_DISABLE", "1")
     assert bars_off(True) is True
+
+
+def test_load_weights_refuses_a_missing_weight_but_not_a_missing_buffer(model):
+    from sae_kit.models import load_weights
+
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    buffers = {k for k, _ in model.named_buffers()}
+    assert buffers, "the model has buffers (masks, rotary tables)"
+    load_weights(model, {k: v for k, v in state.items() if k not in buffers})  # buffers may be rebuilt
+    weight = next(k for k, _ in model.named_parameters())
+    with pytest.raises(RuntimeError, match=r"1 weights missing \(e.g. " + weight.replace(".", r"\.")):
+        load_weights(model, {k: v for k, v in state.items() if k != weight})
+    with pytest.raises(RuntimeError, match="1 unexpected"):
+        load_weights(model, {**state, "blocks.0.not_a_weight": torch.zeros(1)})
+    load_weights(model, state)
