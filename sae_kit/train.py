@@ -344,6 +344,19 @@ def _batches(store, batch_size, epochs, seed, device, grads):
             store.n_batches(batch_size, "train", epochs))
 
 
+_NOT_IN_KEY = ("sae", "store", "progress", "desc", "checkpoint", "checkpoint_every", "keep_checkpoint", "force")
+
+
+def training_arguments(train_kw: dict) -> dict:
+    """`train`'s arguments that decide the result, defaults filled in: ``seed=0`` given or left out
+    keys alike, so notebooks that train the same SAE the same way share one cache entry."""
+    import inspect
+
+    bound = inspect.signature(train).bind(None, None, **train_kw)
+    bound.apply_defaults()
+    return {k: v for k, v in bound.arguments.items() if k not in _NOT_IN_KEY}
+
+
 # Part of every cache key of `train_cached`: bump it when a change to the kit changes the weights a
 # training run produces (2: AuxK no longer re-picks the main code's pairs), so no stale SAE is reused.
 TRAINING_REVISION = 2
@@ -358,6 +371,8 @@ def train_cached(sae, store, progress: bool = True, **train_kw):
     checkpoints beside the cached SAE, so an interrupted run (a killed kernel) resumes where it
     stopped when the cell runs again.
 
+    A tensor of activations (not a store) is trained on without caching.
+
     Returns:
         (sae, history): the trained (or loaded) SAE and its `History`.
     """
@@ -365,9 +380,11 @@ def train_cached(sae, store, progress: bool = True, **train_kw):
     from .fsutil import atomic_write_text
     from .saes import load_sae
 
+    if not isinstance(store, ActivationStore):  # a tensor of activations: nothing to key a cache on
+        return sae, train(sae, store, progress=progress, **train_kw)
     cfg = config_without_stamps(sae)  # a re-run of a trained object keys alike
     desc = {"revision": TRAINING_REVISION, "store": store.spec.key(), "class": type(sae).__name__, "cfg": cfg,
-            "seed": getattr(sae, "init_seed", None), "train": {k: v for k, v in train_kw.items() if k != "desc"}}
+            "seed": getattr(sae, "init_seed", None), "train": training_arguments(train_kw)}
     key = hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:16]
     path = cache_dir() / "saes" / f"{sae.label.replace(' ', '-').replace('=', '')}-{sae.cfg.d_sae}-{key}"
     if (path / "history.json").exists():

@@ -2,7 +2,7 @@
 
 The test starts its own JupyterLab server on localhost, opens a notebook that builds the explorer,
 runs it, changes the latent, types text in the box, and checks that the panels update with no error
-in the notebook. It saves a screenshot (to $SAE_KIT_SCREENSHOT_DIR too, when set). It is skipped,
+in the notebook. A second test opens a built student lab (labs/00) and runs one exercise's stub. It saves a screenshot (to $SAE_KIT_SCREENSHOT_DIR too, when set). It is skipped,
 saying why, when Chromium (Debian's ``chromium`` package) or Playwright is missing.
 """
 
@@ -51,6 +51,7 @@ def lab(tmp_path, small_store):
     root = tmp_path / "lab"
     root.mkdir()
     (root / "explore.ipynb").write_text(json.dumps(_notebook(small_store.path)))
+    shutil.copy(Path(__file__).resolve().parent.parent / "labs" / "00_quickstart.ipynb", root / "lab00.ipynb")
     port, token = _free_port(), "sae-kit-test"
     env = {**os.environ, "TQDM_DISABLE": "1", "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
            "JUPYTERLAB_SETTINGS_DIR": str(tmp_path / "settings"), "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "ws")}
@@ -102,6 +103,42 @@ def test_explorer_in_jupyterlab(lab, tmp_path):
             browser.close()
     shot = tmp_path / "explorer.png"
     assert shot.stat().st_size > 10_000
+
+
+def test_a_student_lab_opens_and_its_stub_names_the_exercise(lab, tmp_path):
+    """The built student notebook opens in JupyterLab: header, folded hint, and an exercise cell whose
+    stub raises NotImplementedError with the exercise id when the student runs it."""
+    if CHROMIUM is None:
+        pytest.skip("no Chromium on this machine: install Debian's 'chromium' package to run the browser test")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the test extra) to run it")
+    url, token = lab
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-dev-shm-usage"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1600})
+        page.set_default_timeout(60_000)
+        try:
+            page.goto(f"{url}/lab/tree/lab00.ipynb?token={token}")
+            page.locator(".jp-Notebook").wait_for()
+            _wait_for_idle_kernel(url, token)
+            expect = sync_api.expect
+            expect(page.locator(".jp-Notebook")).to_contain_text("This is the lab version")
+            hint = page.locator("details summary", has_text="Hint").first
+            hint.scroll_into_view_if_needed()
+            expect(hint).to_be_visible()
+            page.locator(".jp-Cell").first.locator(".jp-InputPrompt").click()
+            page.keyboard.press("Shift+Enter")  # import sae_kit, setup
+            cell = page.locator(".jp-CodeCell", has_text="def topk_select").first
+            cell.scroll_into_view_if_needed()
+            cell.locator(".jp-InputPrompt").click()
+            page.keyboard.press("Shift+Enter")
+            expect(cell.locator(".jp-OutputArea")).to_contain_text("exercise 00.topk_select", timeout=120_000)
+            expect(cell.locator(".jp-OutputArea")).to_contain_text("NotImplementedError")
+        except Exception:
+            page.screenshot(path=str(tmp_path / "failure-lab.png"), full_page=True)
+            print("screenshot of the failure:", tmp_path / "failure-lab.png")
+            raise
+        finally:
+            browser.close()
 
 
 def _wait_for_idle_kernel(url: str, token: str, timeout: float = 120) -> None:

@@ -56,3 +56,13 @@ def test_run_sweep_gives_one_row_per_mode(rng):
     assert set(t[t.label == "MC"]["mode"]) == {"threshold", "batch"} and set(t[t.label == "TopK"]["mode"]) == {"topk"}
     assert t.groupby(["label", "k", "seed"])["default"].sum().eq(1).all()  # one default row each
     assert sweep.sae("MC", 4, 1).mode == "threshold"  # modes restored after evaluation
+
+
+def test_cache_key_arguments_fill_in_defaults():
+    """seed=0 given or left out, a description or a progress bar: the same training, the same key."""
+    from sae_kit.train import training_arguments
+
+    a = training_arguments({"batch_size": 64, "epochs": 2})
+    assert a == training_arguments({"batch_size": 64, "epochs": 2, "seed": 0, "desc": "x", "progress": False})
+    assert a != training_arguments({"batch_size": 64, "epochs": 2, "seed": 1})
+    assert a["lr"] is None and a["grads"] is False
