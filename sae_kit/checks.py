@@ -28,6 +28,9 @@ __all__ = ["CHECKS", "Check", "CheckFailed", "Mutant", "check"]
 class CheckFailed(AssertionError):
     """Your function's result is not the kit's; the message says how."""
 
+    def _render_traceback_(self):  # IPython shows this instead of a traceback through the kit
+        return [str(self)]
+
 
 @dataclass
 class Mutant:
@@ -57,6 +60,7 @@ class Check:
     mutants: list[Mutant] = field(default_factory=list)
     atol: float = 1e-5
     rtol: float = 1e-4
+    normalise: Callable | None = None  # maps a result to its comparable form (e.g. ignore idle steps)
 
     def __call__(self, fn: Callable, quiet: bool = False) -> bool:
         cases = self.cases()
@@ -78,6 +82,12 @@ class Check:
 
     def difference(self, got: Any, expected: Any) -> str | None:
         """None if `got` equals `expected` (floats within atol/rtol), else what differs."""
+        if self.normalise is not None:
+            try:
+                got = self.normalise(got)
+            except Exception:  # a malformed result: let the comparison below say what is wrong
+                pass
+            expected = self.normalise(expected)
         return _difference(got, expected, self.atol, self.rtol)
 
 
@@ -107,10 +117,20 @@ def _difference(got, expected, atol, rtol, where: str = "the result") -> str | N
                 return d
         return None
     if isinstance(expected, torch.Tensor):
+        if isinstance(got, (list, tuple)) or type(got).__module__ == "numpy":
+            try:
+                got = torch.as_tensor(got)
+            except (TypeError, ValueError, RuntimeError):
+                pass
         if not isinstance(got, torch.Tensor):
             return f"{where} should be a tensor, got {type(got).__name__}"
         if tuple(got.shape) != tuple(expected.shape):
             return f"{where} has shape {tuple(got.shape)}, expected {tuple(expected.shape)}"
+        if expected.dtype == torch.bool and got.dtype != torch.bool and not bool(((got == 0) | (got == 1)).all()):
+            return f"{where} should be a boolean mask (True/False), got values other than 0 and 1"
+        if not expected.is_floating_point() and expected.dtype != torch.bool and got.is_floating_point() \
+                and not bool((got == got.round()).all()):
+            return f"{where} should hold whole numbers (counts), got fractions"
         if expected.dtype == torch.bool or not expected.is_floating_point():
             bad = got.to(expected.dtype) != expected
             if bad.any():
@@ -235,6 +255,11 @@ register(Check(
                lambda x, xh: float((x - xh).pow(2).sum() / (x - x.mean()).pow(2).sum())),
         Mutant("the plain MSE, not divided by the variance at all",
                lambda x, xh: float((x - xh).pow(2).mean())),
+        Mutant("MSE over x.var(): one global mean over all entries, and N − 1 in the variance; the FVU "
+               "divides sums, with the mean token x̄ = x.mean(0)",
+               lambda x, xh: float((x - xh).pow(2).mean() / x.var())),
+        Mutant("the mean of per-dimension FVUs (scikit-learn's r2 averaging), not one ratio of sums over "
+               "all dimensions", lambda x, xh: float(((x - xh).pow(2).sum(0) / (x - x.mean(0)).pow(2).sum(0)).mean())),
     ]))
 
 
@@ -399,6 +424,9 @@ register(Check(
         Mutant("shares given in feature-index order, not by density rank (the rich-get-richer loop needs ranks)",
                lambda d, a, b: _zipf_p(len(d), a, b)),
         Mutant("ranks counted from 0, not from 1", lambda d, a, b: _zipf_by_rank(d, _zipf_p(len(d), a, b, start=0))),
+        Mutant("the permutation applied the wrong way round: argsort gives the feature at each rank, not each "
+               "feature's rank (scatter the shares to those positions, or argsort twice)",
+               lambda d, a, b: _zipf_p(len(d), a, b)[d.argsort(descending=True)]),
         Mutant("the shares do not sum to 1 (not normalised)",
                lambda d, a, b: _zipf_by_rank(d, (torch.arange(1, len(d) + 1, dtype=torch.float64) + b).pow(-a).float())),
     ]))
@@ -495,8 +523,8 @@ def _mp_wrong(x, D, steps, update=True, relu=True, absmax=False):
 register(Check(
     id="03.mp_encode",
     task="non-negative matching pursuit with the Gram trick: per step pick j = argmax c, a = ReLU(c_j), "
-         "c −= a·G[j]; return (idx [B, steps], vals [B, steps], residual [B, d])",
-    cases=_mp_cases, reference=_mp_ref,
+         "c −= a·G[j]; return (idx [B, steps], vals [B, steps], residual [B, d]) (idx is not checked where vals = 0)",
+    cases=_mp_cases, reference=_mp_ref, normalise=lambda out: (torch.where(out[1] > 0, out[0], -1), *out[1:]),
     mutants=[
         Mutant("MP subtracted ⟨x, d⟩ instead of ⟨r, d⟩: the correlations were never updated, so every step "
                "reads the input, not the residual", lambda x, D, s: _mp_wrong(x, D, s, update=False)),
@@ -637,15 +665,16 @@ def _dm_ref(x_fit, e_fit, x_test, e_test):
     return r2_scores(e_test, predict(x_test, lstsq(x_fit, e_fit)))["r2_mean_dim"]
 
 
-def _dm_wrong(x_fit, e_fit, x_test, e_test, intercept=True, centred=True, test=True):
+def _dm_wrong(x_fit, e_fit, x_test, e_test, intercept=True, centred=True, test=True, pooled=False, fit_mean=False):
     def X(x):
         return torch.cat([x, torch.ones(len(x), 1)], 1).double() if intercept else x.double()
     W = torch.linalg.lstsq(X(x_fit), e_fit.double()).solution
     xs, es = (x_test, e_test) if test else (x_fit, e_fit)
     es = es.double()
     sse = (es - X(xs) @ W).pow(2).sum(0)
-    sst = (es - es.mean(0)).pow(2).sum(0) if centred else es.pow(2).sum(0)
-    return float((1 - sse / sst).mean())
+    mean = e_fit.double().mean(0) if fit_mean else es.mean(0)
+    sst = (es - mean).pow(2).sum(0) if centred else es.pow(2).sum(0)
+    return float(1 - sse.sum() / sst.sum()) if pooled else float((1 - sse / sst).mean())
 
 
 register(Check(
@@ -660,4 +689,8 @@ register(Check(
                "a non-zero mean", lambda *a: _dm_wrong(*a, centred=False)),
         Mutant("scored on the tokens the map was fitted on, not the held-out ones",
                lambda *a: _dm_wrong(*a, test=False)),
+        Mutant("one pooled R² (1 − ΣSSE / ΣSST over all dimensions), not the mean of per-dimension R² (the kit "
+               "reports the pooled one too, as vector_r2_global)", lambda *a: _dm_wrong(*a, pooled=True)),
+        Mutant("the test errors centred on the fit tokens' mean, not on their own",
+               lambda *a: _dm_wrong(*a, fit_mean=True)),
     ]))

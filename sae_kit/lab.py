@@ -3,6 +3,8 @@
     python -m sae_kit.lab build        # notebooks/NN_*.ipynb -> labs/NN_*.ipynb  (make labs)
     python -m sae_kit.lab list         # the exercises: id, difficulty, minutes, objective
     python -m sae_kit.lab check        # exit 1 if labs/ is not what `build` writes now
+    python -m sae_kit.lab timings --scale ci --report results/timings.json
+                                       # record a report run's per-notebook times in labs/timings.json
 
 The notebooks in ``notebooks/`` stay the single source: they hold the solutions, and nbval runs them.
 What the build reads there:
@@ -99,7 +101,10 @@ def stub_message(meta: dict) -> str:
 
 def build_notebook(nb, timings: dict | None = None, source: str = ""):
     """The student version of solution notebook `nb` (a new object; `nb` is not changed)."""
-    from nbgrader.preprocessors import ClearSolutions
+    try:
+        from nbgrader.preprocessors import ClearSolutions
+    except ImportError as e:
+        raise ImportError("building the labs needs nbgrader: pip install -e '.[lab]' (or make setup)") from e
 
     ex = exercises(nb)
     nb = copy.deepcopy(nb)
@@ -199,13 +204,40 @@ def build(src: Path, out: Path) -> dict[Path, str]:
     return texts
 
 
+def record_timings(labs: Path, scale: str, report: Path, note: str = "") -> dict:
+    """Put a report run's per-notebook wall times (``{notebook: seconds}``, as `sae_kit.report`
+    writes them) into ``labs/timings.json`` under `scale`, in minutes."""
+    from .fsutil import atomic_write_text
+
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+    seconds = json.loads(Path(report).read_text())
+    f = Path(labs) / "timings.json"
+    data = json.loads(f.read_text()) if f.exists() else {"measured": {}, "notebooks": {}}
+    for name, t in seconds.items():
+        data["notebooks"].setdefault(name, {})[scale] = {"minutes": round(t / 60, 1)}
+    if note:
+        data["measured"][scale] = note
+    atomic_write_text(f, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+    return data
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m sae_kit.lab", description="Build the student lab notebooks.")
-    ap.add_argument("command", choices=("build", "list", "check"))
+    ap.add_argument("command", choices=("build", "list", "check", "timings"))
     ap.add_argument("--notebooks", default="notebooks", help="the solution notebooks (default: notebooks)")
     ap.add_argument("--out", default="labs", help="where the student notebooks go (default: labs)")
+    ap.add_argument("--scale", help="timings: the scale the report ran at")
+    ap.add_argument("--report", default="results/timings.json", help="timings: the report's timings.json")
+    ap.add_argument("--note", default="", help="timings: how they were measured (machine, cache state)")
     a = ap.parse_args(argv)
     src, out = Path(a.notebooks), Path(a.out)
+    if a.command == "timings":
+        if not a.scale:
+            ap.error("timings needs --scale (ci, lab or paper)")
+        record_timings(out, a.scale, Path(a.report), a.note)
+        print(f"recorded {a.scale} times from {a.report} in {out / 'timings.json'}; run `build` to update the headers")
+        return 0
     if not notebooks(src):
         print(f"no NN_*.ipynb notebooks in {src.resolve()}; run from the kit's folder or pass --notebooks",
               file=sys.stderr)
@@ -216,8 +248,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{m['id']:28s} {'★' * m['difficulty']:3s} {m['minutes']:3d} min  {m['objective']}")
         return 0
     texts = build(src, out)
+    extra = sorted(p for p in notebooks(out) if p not in texts)  # labs whose source notebook is gone
     if a.command == "check":
-        stale = [str(p) for p, t in texts.items() if not p.exists() or p.read_text() != t]
+        stale = [str(p) for p, t in texts.items() if not p.exists() or p.read_text() != t] + [str(p) for p in extra]
         if stale:
             print("out of date (run `python -m sae_kit.lab build`): " + ", ".join(stale), file=sys.stderr)
             return 1
@@ -229,6 +262,10 @@ def main(argv: list[str] | None = None) -> int:
     for p, t in texts.items():
         atomic_write_text(p, t)
         print(f"wrote {p}")
+    for p in extra:
+        if nbformat.read(p, as_version=4).metadata.get("sae_kit_lab") is not None:  # only labs the build wrote
+            p.unlink()
+            print(f"removed {p} (its notebook is gone)")
     return 0
 
 

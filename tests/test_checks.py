@@ -78,3 +78,29 @@ def test_inputs_are_not_shared_between_calls():
 def test_unknown_id_lists_the_checks():
     with pytest.raises(KeyError, match="00.fvu"):
         check("00.nope", lambda: None)
+
+
+def test_counts_and_masks_are_not_truncated_into_passing():
+    ref_l0 = CHECKS["03.distinct_l0"].reference
+    with pytest.raises(CheckFailed, match="whole numbers"):
+        check("03.distinct_l0", lambda i, v: ref_l0(i, v).float() + 0.7)
+    check("03.distinct_l0", lambda i, v: ref_l0(i, v).tolist(), quiet=True)  # a list of ints is fine
+    ref_mc = CHECKS["01.mutual_choice_keep"].reference
+    with pytest.raises(CheckFailed, match="boolean mask"):
+        check("01.mutual_choice_keep", lambda p, k: 0.5 * ref_mc(p, k))
+    check("01.mutual_choice_keep", lambda p, k: ref_mc(p, k).int(), quiet=True)  # 0/1 integers are a mask
+
+
+def test_a_pursuit_that_stops_early_is_not_rejected_for_its_idle_atoms():
+    ref = CHECKS["03.mp_encode"].reference
+
+    def stops(x, D, steps):
+        idx, vals, r = ref(x, D, steps)
+        return torch.where(vals > 0, idx, 0), vals, r  # idle steps record atom 0, not the argmax
+    assert check("03.mp_encode", stops, quiet=True)
+
+
+def test_a_failed_check_renders_as_one_line_in_ipython():
+    with pytest.raises(CheckFailed) as e:
+        check("00.fvu", CHECKS["00.fvu"].mutants[0].fn)
+    assert e.value._render_traceback_() == [str(e.value)]

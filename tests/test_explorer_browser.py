@@ -125,6 +125,7 @@ def test_a_student_lab_opens_and_its_stub_names_the_exercise(lab, tmp_path):
             hint = page.locator("details summary", has_text="Hint").first
             hint.scroll_into_view_if_needed()
             expect(hint).to_be_visible()
+            assert page.locator("details", has=hint).first.get_attribute("open") is None  # folded until opened
             page.locator(".jp-Cell").first.locator(".jp-InputPrompt").click()
             page.keyboard.press("Shift+Enter")  # import sae_kit, setup
             cell = page.locator(".jp-CodeCell", has_text="def topk_select").first

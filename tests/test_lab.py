@@ -127,3 +127,51 @@ def test_timings_cover_every_notebook():
     assert set(t) == {p.stem for p in SOURCES}
     for name, scales in t.items():
         assert scales["ci"]["minutes"] > 0, name
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: p.name)
+def test_every_solution_passes_its_check(path, capsys):
+    """Each exercise cell of the solution notebooks, run up to its check, passes it (fast; nbval runs
+    the whole notebooks)."""
+    import sae_kit
+
+    for cell in nbformat.read(path, as_version=4).cells:
+        if "exercise" in cell.metadata.get("tags", []):
+            src = cell.source
+            end = src.index("\n", src.index("sae_kit.checks.check(")) if "\n" in src[src.index("sae_kit.checks.check("):] \
+                else len(src)
+            exec(src[:end], {"sae_kit": sae_kit})
+            assert capsys.readouterr().out.startswith("✔ ")
+
+
+def test_the_instructor_table_matches_the_exercises():
+    text = (ROOT / "labs" / "README.md").read_text()
+    for p in SOURCES:
+        for m in lab.exercises(nbformat.read(p, as_version=4)):
+            row = next((ln for ln in text.splitlines() if ln.startswith(f"| `{m['id']}` |")), None)
+            assert row is not None, m["id"]
+            cells = [c.strip() for c in row.strip("|").split("|")]
+            assert cells[2] == "★" * m["difficulty"] and cells[3] == str(m["minutes"]), row
+
+
+def test_build_removes_its_own_stale_labs_but_never_a_users_notebook(tmp_path):
+    src, out = tmp_path / "notebooks", tmp_path / "labs"
+    src.mkdir()
+    out.mkdir()
+    nbformat.write(small_notebook(), src / "99_small.ipynb")
+    gone = lab.build_notebook(small_notebook(), source="notebooks/97_gone.ipynb")
+    nbformat.write(gone, out / "97_gone.ipynb")
+    nbformat.write(small_notebook(), out / "98_mine.ipynb")  # a user's own notebook, not built by the kit
+    assert lab.main(["build", "--notebooks", str(src), "--out", str(out)]) == 0
+    assert (out / "99_small.ipynb").exists() and (out / "98_mine.ipynb").exists()
+    assert not (out / "97_gone.ipynb").exists()
+    assert lab.main(["check", "--notebooks", str(src), "--out", str(out)]) == 1  # 98_mine is not a lab of these
+
+
+def test_timings_are_recorded_from_a_report_run(tmp_path):
+    (tmp_path / "t.json").write_text(json.dumps({"00_quickstart": 90.0}))
+    data = lab.record_timings(tmp_path, "ci", tmp_path / "t.json", note="2 cores, cold cache")
+    assert data["notebooks"]["00_quickstart"]["ci"] == {"minutes": 1.5}
+    assert data["measured"]["ci"] == "2 cores, cold cache"
+    with pytest.raises(ValueError, match="scale must be"):
+        lab.record_timings(tmp_path, "huge", tmp_path / "t.json")

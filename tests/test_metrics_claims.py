@@ -76,3 +76,19 @@ def test_cached_splicer_matches_a_plain_full_forward(model, small_store):
     ce_clean = float(-torch.log_softmax(clean[:, 1:63], -1).gather(-1, toks[:, 2:64, None]).mean())
     assert ours["ce_spliced"] == pytest.approx(ce, abs=2e-3)
     assert ours["ce_clean"] == pytest.approx(ce_clean, abs=2e-3)
+
+
+def test_delta_ce_from_logp_scores_what_the_splicer_scores(model, small_store):
+    """The exercise's reference (whole-window log-probs) and the Splicer agree on ΔCE."""
+    from sae_kit.splice import Splicer, _splice_hook, delta_ce_from_logp
+
+    sp = Splicer(model, small_store, n_seqs=4, progress=False)
+    fn = lambda a: a * 0.7  # noqa: E731
+    out = sp(replace=fn)
+    toks = sp.windows.to(model.cfg.device)
+    with torch.no_grad():
+        lp_clean = model(toks).float().log_softmax(-1)
+        lp_spliced = model.run_with_hooks(toks, fwd_hooks=[(sp.spec.hook, _splice_hook(fn, sp.sl))]).float().log_softmax(-1)
+    ours = delta_ce_from_logp(lp_clean, lp_spliced, toks, sp.spec.skip_first, sp.spec.skip_last)
+    assert out["delta_ce"] > 0.01
+    assert ours == pytest.approx(out["delta_ce"], abs=2e-3)
