@@ -236,6 +236,14 @@ def _recon_cases():
     return out
 
 
+def _uncentred_ratio_of_sums(x, x_hat):
+    return float((x - x_hat).pow(2).sum() / x.pow(2).sum())
+
+
+def _mean_of_centred_token_ratios(x, x_hat):
+    return float(((x - x_hat).pow(2).sum(1) / (x - x.mean(0)).pow(2).sum(1)).mean())
+
+
 def _fvu_ref(x, x_hat):
     from .metrics import fvu
 
@@ -248,9 +256,9 @@ register(Check(
     cases=_recon_cases, reference=_fvu_ref,
     mutants=[
         Mutant("FVU divided by the uncentred mean square Σ‖x_t‖²: the mean token x̄ was not subtracted",
-               lambda x, xh: float((x - xh).pow(2).sum() / x.pow(2).sum())),
+               _uncentred_ratio_of_sums),
         Mutant("the mean of per-token ratios ‖x_t − x̂_t‖² / ‖x_t − x̄‖², not a ratio of sums",
-               lambda x, xh: float(((x - xh).pow(2).sum(1) / (x - x.mean(0)).pow(2).sum(1)).mean())),
+               _mean_of_centred_token_ratios),
         Mutant("one global mean (x.mean(), a number) subtracted instead of the mean token x̄ = x.mean(0)",
                lambda x, xh: float((x - xh).pow(2).sum() / (x - x.mean()).pow(2).sum())),
         Mutant("the plain MSE, not divided by the variance at all",
@@ -275,9 +283,9 @@ register(Check(
     cases=_recon_cases, reference=_nmse_ref,
     mutants=[
         Mutant("a ratio of sums Σ‖x_t − x̂_t‖² / Σ‖x_t‖²: high-norm tokens dominate it, which is exactly what "
-               "the per-token version avoids", lambda x, xh: float((x - xh).pow(2).sum() / x.pow(2).sum())),
+               "the per-token version avoids", _uncentred_ratio_of_sums),
         Mutant("each token's error divided by its distance to the mean token ‖x_t − x̄‖², not by ‖x_t‖²",
-               lambda x, xh: float(((x - xh).pow(2).sum(1) / (x - x.mean(0)).pow(2).sum(1)).mean())),
+               _mean_of_centred_token_ratios),
         Mutant("the norms were not squared: mean of ‖x_t − x̂_t‖ / ‖x_t‖",
                lambda x, xh: float(((x - xh).norm(dim=1) / x.norm(dim=1)).mean())),
     ]))

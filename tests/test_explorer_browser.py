@@ -8,6 +8,7 @@ saying why, when Chromium (Debian's ``chromium`` package) or Playwright is missi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -88,19 +89,8 @@ def test_explorer_in_jupyterlab(lab, tmp_path):
         pytest.skip("no Chromium on this machine: install Debian's 'chromium' package to run the browser test")
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the test extra) to run it")
     url, token = lab
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-dev-shm-usage"])
-        page = browser.new_page(viewport={"width": 1400, "height": 1600})
-        page.set_default_timeout(60_000)
-        try:
-            _drive(page, sync_api, url, token, tmp_path)
-        except Exception:
-            page.screenshot(path=str(tmp_path / "failure.png"), full_page=True)
-            print("screenshot of the failure:", tmp_path / "failure.png")
-            print("page text:", page.locator("body").inner_text()[-4000:])
-            raise
-        finally:
-            browser.close()
+    with _page(sync_api, tmp_path / "failure.png") as page:
+        _drive(page, sync_api, url, token, tmp_path)
     shot = tmp_path / "explorer.png"
     assert shot.stat().st_size > 10_000
 
@@ -112,31 +102,39 @@ def test_a_student_lab_opens_and_its_stub_names_the_exercise(lab, tmp_path):
         pytest.skip("no Chromium on this machine: install Debian's 'chromium' package to run the browser test")
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the test extra) to run it")
     url, token = lab
+    with _page(sync_api, tmp_path / "failure-lab.png") as page:
+        page.goto(f"{url}/lab/tree/lab00.ipynb?token={token}")
+        page.locator(".jp-Notebook").wait_for()
+        _wait_for_idle_kernel(url, token)
+        expect = sync_api.expect
+        expect(page.locator(".jp-Notebook")).to_contain_text("This is the lab version")
+        hint = page.locator("details summary", has_text="Hint").first
+        hint.scroll_into_view_if_needed()
+        expect(hint).to_be_visible()
+        assert hint.locator("xpath=..").get_attribute("open") is None  # the <details> is folded until opened
+        page.locator(".jp-Cell").first.locator(".jp-InputPrompt").click()
+        page.keyboard.press("Shift+Enter")  # import sae_kit, setup
+        cell = page.locator(".jp-CodeCell", has_text="def topk_select").first
+        cell.scroll_into_view_if_needed()
+        cell.locator(".jp-InputPrompt").click()
+        page.keyboard.press("Shift+Enter")
+        expect(cell.locator(".jp-OutputArea")).to_contain_text("exercise 00.topk_select", timeout=120_000)
+        expect(cell.locator(".jp-OutputArea")).to_contain_text("NotImplementedError")
+
+
+@contextlib.contextmanager
+def _page(sync_api, failure_shot: Path):
+    """A page of the system Chromium; on failure, a screenshot and the page's text are kept."""
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-dev-shm-usage"])
         page = browser.new_page(viewport={"width": 1400, "height": 1600})
         page.set_default_timeout(60_000)
         try:
-            page.goto(f"{url}/lab/tree/lab00.ipynb?token={token}")
-            page.locator(".jp-Notebook").wait_for()
-            _wait_for_idle_kernel(url, token)
-            expect = sync_api.expect
-            expect(page.locator(".jp-Notebook")).to_contain_text("This is the lab version")
-            hint = page.locator("details summary", has_text="Hint").first
-            hint.scroll_into_view_if_needed()
-            expect(hint).to_be_visible()
-            assert page.locator("details", has=hint).first.get_attribute("open") is None  # folded until opened
-            page.locator(".jp-Cell").first.locator(".jp-InputPrompt").click()
-            page.keyboard.press("Shift+Enter")  # import sae_kit, setup
-            cell = page.locator(".jp-CodeCell", has_text="def topk_select").first
-            cell.scroll_into_view_if_needed()
-            cell.locator(".jp-InputPrompt").click()
-            page.keyboard.press("Shift+Enter")
-            expect(cell.locator(".jp-OutputArea")).to_contain_text("exercise 00.topk_select", timeout=120_000)
-            expect(cell.locator(".jp-OutputArea")).to_contain_text("NotImplementedError")
+            yield page
         except Exception:
-            page.screenshot(path=str(tmp_path / "failure-lab.png"), full_page=True)
-            print("screenshot of the failure:", tmp_path / "failure-lab.png")
+            page.screenshot(path=str(failure_shot), full_page=True)
+            print("screenshot of the failure:", failure_shot)
+            print("page text:", page.locator("body").inner_text()[-4000:])
             raise
         finally:
             browser.close()
