@@ -148,7 +148,7 @@ class MatchingPursuitSAE(SAE):
             v, j = cm.max(1)
             v = v.clamp_min(0) * active
             idx[:, t], vals[:, t] = j, v
-            c -= v[:, None] * G[j]
+            c.addcmul_(G[j], v[:, None], value=-1)  # c −= a·G[j], without a B×d_sae temporary
             if threshold > 0:
                 norm2 = norm2 - v * v
                 active &= norm2.clamp_min(0).sqrt() >= threshold
