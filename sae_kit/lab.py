@@ -155,9 +155,13 @@ def _minutes(t) -> str:
     if isinstance(t, dict):
         if t.get("minutes") is None:
             return t.get("note", "not measured")
-        warm = f", {t['warm_minutes']:.0f} min with a warm cache" if t.get("warm_minutes") is not None else ""
-        return f"{t['minutes']:.0f} min{warm}"
-    return f"{t:.0f} min"
+        warm = f", {_num(t['warm_minutes'])} min with a warm cache" if t.get("warm_minutes") is not None else ""
+        return f"{_num(t['minutes'])} min{warm}"
+    return f"{_num(t)} min"
+
+
+def _num(minutes: float) -> str:
+    return f"{minutes:.1f}" if minutes < 10 else f"{minutes:.0f}"
 
 
 def insert(student, sols: dict[str, str]):
