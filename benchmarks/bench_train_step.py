@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from sae_kit.saes import choice_sae, fvu_loss, gradient_sae, mp_sae, topk_sae
+from sae_kit.activations import _forward
 from sae_kit.train import adam, train_step
 
 DEAD_SHARE = 0.10
@@ -276,20 +277,9 @@ def section_harvest(a, results):
 
 
 def _bare(model, toks, layer, grads):
-    """The model's own work for one batch: a forward to the layer, or a full forward + backward to it."""
-    if not grads:
-        with torch.no_grad():
-            model(toks.long(), stop_at_layer=layer + 1)
-        return
-    with torch.enable_grad():
-        act = {}
-
-        def grab(a, hook):
-            act["a"] = a.detach().requires_grad_(True)
-            return act["a"]
-        logits = model.run_with_hooks(toks.long(), fwd_hooks=[(f"blocks.{layer}.hook_resid_post", grab)])
-        lp = torch.log_softmax(logits[:, :-1].float(), -1)
-        torch.autograd.grad(-lp.gather(-1, toks.long()[:, 1:, None]).sum(), act["a"])
+    """The model's own work for one batch, as the harvest runs it (`activations._forward`), without
+    the conversion, the disk writes and the progress file."""
+    _forward(model, toks.long(), f"blocks.{layer}.hook_resid_post", layer, grads)
 
 
 def parse(argv=None):
