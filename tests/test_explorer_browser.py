@@ -143,7 +143,11 @@ def _page(sync_api, failure_shot: Path):
 def _wait_for_idle_kernel(url: str, token: str, timeout: float = 120) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        kernels = json.loads(urllib.request.urlopen(f"{url}/api/kernels?token={token}", timeout=5).read())
+        try:
+            kernels = json.loads(urllib.request.urlopen(f"{url}/api/kernels?token={token}", timeout=5).read())
+        except OSError:  # the server can answer 500 while a kernel is still being created: ask again
+            time.sleep(0.5)
+            continue
         if kernels and all(k["execution_state"] == "idle" and k["connections"] > 0 for k in kernels):
             time.sleep(1.0)
             return
