@@ -1,11 +1,16 @@
 """The claims table every notebook ends with: what the paper says, what we measured, did it hold.
 
     claims = Claims("00_quickstart")
-    claims.add("k sets L0 exactly", paper="L0 = k", measured=f"L0 = {m['l0']:.2f}", held=m["l0"] <= k)
+    claims.add("k sets L0 exactly", paper="L0 = k", measured=f"L0 = {m['l0']:.2f}", held=m["l0"] <= k,
+               rule="held: L0 ≤ k on every held-out token", source="Gao et al. §2.3", figure="Fig. 2")
     claims  # renders as a table in Jupyter; claims.save() writes results/claims/<name>.json
 
 `held` is True / False for a claim checked at this scale, or None when the scale is too small
-to decide (say why in `note`). The report (``python -m sae_kit.report``) gathers every JSON.
+to decide. Each row keeps the decision *rule* (the same for every run) apart from the *reason* for
+this run's verdict (``note``), so a row never reads as a contradiction. The decision helpers below
+(`interval`, `beats_noise`, `threshold`, `monotone`) return a `Verdict` — the held value and the
+reason — which `Claims.add` accepts in place of `held`. The report (``python -m sae_kit.report``)
+gathers every JSON.
 """
 
 from __future__ import annotations
@@ -14,17 +19,30 @@ import html
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
 
 from .config import get_scale
+
+
+class Verdict(NamedTuple):
+    """What a decision helper returns: ``held`` (True / False / None) and the reason, in words."""
+
+    held: bool | None
+    reason: str
 
 
 @dataclass
 class Claim:
     claim: str
-    paper: str
-    measured: str
+    paper: str  # what the paper says
+    measured: str  # what this run measured
     held: bool | None
-    note: str = ""
+    note: str = ""  # why this run got its verdict (the reason), or other context
+    rule: str = ""  # the decision rule, the same for every run
+    source: str = ""  # where the paper says it (section / figure)
+    figure: str = ""  # the notebook figure or table that shows it
 
     @property
     def verdict(self) -> str:
@@ -39,26 +57,40 @@ class Claims:
         self.scale = scale or get_scale().name
         self.items: list[Claim] = []
 
-    def add(self, claim: str, paper: str, measured: str, held: bool | None, note: str = "") -> Claim:
-        c = Claim(claim, paper, measured, None if held is None else bool(held), note)
+    def add(self, claim: str, paper: str, measured: str, held: "bool | None | Verdict", note: str = "",
+            rule: str = "", source: str = "", figure: str = "") -> Claim:
+        """Append a row. `held` may be a `Verdict`; its reason fills `note` unless `note` is given."""
+        if isinstance(held, Verdict):
+            held, note = held.held, note or held.reason
+        c = Claim(claim, paper, measured, None if held is None else bool(held), note, rule, source, figure)
         self.items.append(c)
         return c
 
+    @staticmethod
+    def _cells(c: Claim) -> list[str]:
+        paper = c.paper + (f" ({c.source})" if c.source else "")
+        measured = c.measured + (f" [{c.figure}]" if c.figure else "")
+        return [c.claim, paper, measured, c.verdict, c.note, c.rule]
+
+    HEADERS = ("claim", "paper (where)", "measured [shown in]", "verdict", "why this verdict", "rule")
+
     def to_markdown(self) -> str:
-        rows = ["| claim | paper | measured | verdict | note |", "|---|---|---|---|---|"]
+        rows = ["| " + " | ".join(self.HEADERS) + " |", "|" + "---|" * len(self.HEADERS)]
         for c in self.items:
-            cells = [c.claim, c.paper, c.measured, f"**{c.verdict}**", c.note]
+            cells = self._cells(c)
+            cells[3] = f"**{cells[3]}**"
             rows.append("| " + " | ".join(s.replace("|", "\\|").replace("\n", " ") for s in cells) + " |")
         return "\n".join(rows)
 
     def _repr_html_(self) -> str:
         colour = {True: "#1a7f37", False: "#cf222e", None: "#9a6700"}
-        head = "".join(f"<th style='text-align:left'>{h}</th>" for h in ("claim", "paper", "measured", "verdict", "note"))
+        head = "".join(f"<th style='text-align:left'>{h}</th>" for h in self.HEADERS)
+        td = lambda s, style="": f"<td style='text-align:left;{style}'>{html.escape(s)}</td>"
         body = "".join(
-            "<tr>" + "".join(f"<td style='text-align:left'>{html.escape(s)}</td>" for s in (c.claim, c.paper, c.measured))
-            + f"<td style='color:{colour[c.held]};font-weight:bold'>{c.verdict}</td>"
-            + f"<td style='text-align:left'>{html.escape(c.note)}</td></tr>"
-            for c in self.items)
+            "<tr>" + "".join(td(s) for s in cells[:3])
+            + td(cells[3], f"color:{colour[c.held]};font-weight:bold")
+            + td(cells[4]) + td(cells[5], "color:#57606a") + "</tr>"
+            for c in self.items for cells in [self._cells(c)])
         return (f"<p><b>Claims — {html.escape(self.notebook)}</b> (scale <code>{self.scale}</code>)</p>"
                 f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
 
@@ -85,11 +117,86 @@ class Claims:
         return out
 
 
+def _fmt(x: float) -> str:
+    return f"{x:.3g}"
+
+
+def interval(lo: float, hi: float, above: float = 0.0, below: float | None = None, what: str = "the interval") -> Verdict:
+    """Held when the whole interval [lo, hi] lies above `above`; did not hold when it lies below
+    `below` (default: `above`); else not decided. E.g. a bootstrap interval of a paired difference."""
+    below = above if below is None else below
+    span = f"{what} [{_fmt(lo)}, {_fmt(hi)}]"
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return Verdict(None, f"{what} is unbounded (too few samples to decide)")
+    if lo > above:
+        return Verdict(True, f"{span} lies above {_fmt(above)}")
+    if hi < below:
+        return Verdict(False, f"{span} lies below {_fmt(below)}")
+    return Verdict(None, f"{span} reaches from below {_fmt(above)} to above {_fmt(below)}" if above != below
+                   else f"{span} contains {_fmt(above)}")
+
+
+def beats_noise(gaps, noise: float, better: str = "lower", what: str = "the gap") -> Verdict:
+    """Is a variant better than a reference at every point (e.g. every k), beyond seed noise?
+
+    Args:
+        gaps: log ratios variant / reference, one per point (negative: the variant is lower).
+        noise: the seed noise a gap must beat, as a log ratio (nan or inf: no estimate, e.g. one seed).
+        better: ``"lower"`` when a negative gap is the paper's direction, ``"higher"`` when positive.
+    """
+    g = np.asarray(list(gaps), dtype=float)
+    sign = -1.0 if better == "lower" else 1.0
+    if g.size == 0:
+        return Verdict(None, f"no {what} to judge")
+    if not np.isfinite(noise):
+        return Verdict(None, "one seed only: no estimate of seed noise to beat")
+    n_for, n_against = int((sign * g > noise).sum()), int((sign * g < -noise).sum())
+    if n_for == g.size:
+        return Verdict(True, f"{what} beats seed noise (±{100 * noise:.1f}%) in the paper's direction at all {g.size} points")
+    if n_against == g.size:
+        return Verdict(False, f"{what} beats seed noise (±{100 * noise:.1f}%) against the paper at all {g.size} points")
+    return Verdict(None, f"{n_for} of {g.size} points beat seed noise (±{100 * noise:.1f}%) in the paper's direction, "
+                         f"{n_against} against it, {g.size - n_for - n_against} within it")
+
+
+def threshold(value: float, held_above: float, failed_below: float, what: str = "the value") -> Verdict:
+    """Held when `value` > `held_above`, did not hold when it is < `failed_below`, else not decided
+    (for a lower-is-better value, pass negatives)."""
+    if not np.isfinite(value):
+        return Verdict(None, f"{what} is not finite")
+    if value > held_above:
+        return Verdict(True, f"{what} {_fmt(value)} > {_fmt(held_above)}")
+    if value < failed_below:
+        return Verdict(False, f"{what} {_fmt(value)} < {_fmt(failed_below)}")
+    return Verdict(None, f"{what} {_fmt(value)} is between {_fmt(failed_below)} and {_fmt(held_above)}")
+
+
+def monotone(values, noise: float = 0.0, increasing: bool = True, what: str = "the values") -> Verdict:
+    """Does a sequence move one way within noise? Held when no step goes against the direction by
+    more than `noise` (absolute) and the net change beats `noise`; did not hold when some step goes
+    against it by more than `noise`; not decided when the net change is within noise."""
+    v = np.asarray(list(values), dtype=float)
+    if v.size < 2:
+        return Verdict(None, f"{what}: fewer than two points")
+    steps = np.diff(v) * (1 if increasing else -1)
+    word = "rise" if increasing else "fall"
+    worst = int(np.argmin(steps))
+    if steps[worst] < -noise:
+        return Verdict(False, f"{what} go against the direction between points {worst} and {worst + 1} "
+                              f"by {_fmt(-steps[worst])} (> noise {_fmt(noise)})")
+    if (v[-1] - v[0]) * (1 if increasing else -1) <= noise:
+        return Verdict(None, f"{what} change by {_fmt(v[-1] - v[0])} in all, within noise {_fmt(noise)}")
+    return Verdict(True, f"{what} {word} at every step (within noise {_fmt(noise)})")
+
+
+def noise_text(noise: float) -> str:
+    """'seed noise ±x%' for a relative noise, or 'one seed' when there is no estimate (never '±nan%')."""
+    return f"seed noise ±{100 * noise:.1f}%" if np.isfinite(noise) else "one seed (no noise estimate)"
+
+
 def bootstrap_ci(values, n_boot: int = 5000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
     """(mean, low, high): a percentile bootstrap interval for the mean of `values` (e.g. paired
     differences, one per concept). Fewer than two values give (mean, -inf, inf): nothing is decided."""
-    import numpy as np
-
     v = np.asarray(values, dtype=float)
     if len(v) < 2:
         return (float(v.mean()) if len(v) else float("nan"), float("-inf"), float("inf"))

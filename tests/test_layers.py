@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent / "sae_kit"
 # lower number = lower layer; a module may import its own layer or lower ones
 LAYERS = {
-    "validate": 0, "fsutil": 0, "config": 0,
+    "validate": 0, "fsutil": 0, "config": 0, "claims": 0,
     "models": 1, "corpus": 1, "synthetic": 1,
     "activations": 2,
     "saes": 3, "snmf": 3,
@@ -20,7 +20,7 @@ LAYERS = {
     "metrics": 5,
     "splice": 6, "steering": 6, "sweeps": 6,
     "allocation": 7, "gradient_eval": 7, "pursuit": 7, "concepts": 7, "dark_matter": 7,
-    "plots": 8, "explorer": 8, "claims": 8, "report": 8, "checks": 8,
+    "plots": 8, "explorer": 8, "report": 8, "checks": 8,
     "lab": 9,
 }
 
