@@ -96,20 +96,25 @@ def pick(table: pd.DataFrame, label: str, mode: str | None = None, **where) -> p
     return t
 
 
+def _frontier(table: pd.DataFrame, label: str, key: str, mode: str | None) -> pd.DataFrame:
+    """One row per k: the metric and L0 averaged over the seeds run at that k."""
+    return pick(table, label, mode).groupby("k", sort=True)[["l0", key]].mean().reset_index()
+
+
 def matched_l0_gap(table: pd.DataFrame, label: str, reference: str, key: str = "fvu", mode: str | None = None,
                    ref_mode: str | None = None) -> list[float]:
-    """log(metric of `label` / metric of `reference` interpolated at the variant's L0), seed 0, per k.
+    """log(metric of `label` / metric of `reference` interpolated at the variant's L0), per k.
 
-    The reference frontier is interpolated (extrapolated at the ends) linearly in log-log space;
-    negative means the variant is better. `mode` / `ref_mode`: the inference modes compared (None:
-    each dictionary's default).
+    Each k's point is the mean over the seeds run at that k (for both). The reference frontier is
+    interpolated (extrapolated at the ends) linearly in log-log space; negative means the variant is
+    lower. `mode` / `ref_mode`: the inference modes compared (None: each dictionary's default).
     """
-    ref = pick(table, reference, ref_mode, seed=0).sort_values("l0", kind="stable")
+    ref = _frontier(table, reference, key, ref_mode).sort_values("l0", kind="stable")
     if len(ref) < 2:
         raise ValueError(f"need the reference {reference!r} at two or more k to interpolate")
     lx, ly = np.log(ref["l0"].to_numpy()), np.log(ref[key].to_numpy())
     gaps = []
-    for _, r in pick(table, label, mode, seed=0).sort_values("k", kind="stable").iterrows():
+    for _, r in _frontier(table, label, key, mode).iterrows():
         l = np.log(max(r["l0"], 1e-9))
         if lx[0] <= l <= lx[-1]:
             y = np.interp(l, lx, ly)
@@ -126,24 +131,30 @@ def seed_spread(table: pd.DataFrame, label: str, k: int, key: str = "fvu", mode:
     return float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else float("nan"), len(vals)
 
 
-def decided_gap(table: pd.DataFrame, label: str, reference: str, k: int, key: str = "fvu", mode: str | None = None,
-                ref_mode: str | None = None) -> tuple[list[float], bool | None, float]:
+def seed_noise(table: pd.DataFrame, labels, key: str = "fvu", modes=None) -> float:
+    """The seed noise a gap between `labels` must beat: 2 × the largest relative seed sd of any of
+    them at any k run with two or more seeds (nan when none was). With n seeds per point, the sd of
+    a mean is smaller by √n; the rule keeps the single-seed sd, which is conservative."""
+    modes = modes or [None] * len(labels)
+    rel = []
+    for label, mode in zip(labels, modes):
+        for k in pick(table, label, mode)["k"].unique():
+            mean, sd, n = seed_spread(table, label, k, key, mode)
+            if n > 1:
+                rel.append(2 * sd / abs(mean))
+    return float(max(rel)) if rel else float("nan")
+
+
+def decided_gap(table: pd.DataFrame, label: str, reference: str, key: str = "fvu", mode: str | None = None,
+                ref_mode: str | None = None, better: str = "lower"):
     """Is `label` better than `reference` on `key` at matched L0 at every k, beyond seed noise?
 
     Returns:
-        (log gaps per k, verdict, noise) where noise = 2 × the larger relative seed sd of the two
-        at `k`; the verdict is None when any gap is within the noise or the gaps disagree in sign.
+        (log gaps per k, `Verdict`, noise), noise from `seed_noise`; the verdict is not decided when
+        any gap is within the noise, or when there was only one seed.
     """
+    from .claims import beats_noise
+
     gaps = matched_l0_gap(table, label, reference, key, mode, ref_mode)
-    noises = []
-    for lab, m in ((label, mode), (reference, ref_mode)):
-        mean, sd, n = seed_spread(table, lab, k, key, m)
-        noises.append(2 * sd / abs(mean) if n > 1 else float("nan"))
-    noise = float("nan") if any(np.isnan(noises)) else max(noises)
-    if not np.isfinite(noise):
-        return gaps, None, noise
-    if all(g < -noise for g in gaps):
-        return gaps, True, noise
-    if all(g > noise for g in gaps):
-        return gaps, False, noise
-    return gaps, None, noise
+    noise = seed_noise(table, [label, reference], key, [mode, ref_mode])
+    return gaps, beats_noise(gaps, noise, better, what=f"{label} / {reference} {key} at matched L0"), noise

@@ -28,12 +28,13 @@ def test_matched_l0_gap_interpolates_the_reference_frontier_in_log_log():
 def test_decided_gap_needs_seeds_and_a_gap_beyond_their_noise():
     ref = rows("ref", [(8, 8.0, 0.4), (32, 32.0, 0.1)])
     better = rows("var", [(8, 8.0, 0.2), (32, 32.0, 0.05)])
-    assert sweeps.decided_gap(T(ref, better), "var", "ref", 32)[1] is None  # one seed: undecided
+    assert sweeps.decided_gap(T(ref, better), "var", "ref")[1].held is None  # one seed: undecided
     seeds = rows("ref", [(32, 32.0, 0.101)], seed=1) + rows("var", [(32, 32.0, 0.051)], seed=1)
-    gaps, held, noise = sweeps.decided_gap(T(ref, better, seeds), "var", "ref", 32)
-    assert held is True and noise < 0.1
+    gaps, verdict, noise = sweeps.decided_gap(T(ref, better, seeds), "var", "ref")
+    assert verdict.held is True and noise < 0.1
+    assert sweeps.decided_gap(T(ref, better, seeds), "ref", "var")[1].held is False  # the other way round
     noisy = rows("ref", [(32, 32.0, 0.3)], seed=1) + rows("var", [(32, 32.0, 0.051)], seed=1)
-    assert sweeps.decided_gap(T(ref, better, noisy), "var", "ref", 32)[1] is None
+    assert sweeps.decided_gap(T(ref, better, noisy), "var", "ref")[1].held is None
 
 
 def test_a_mode_is_compared_only_when_named():
