@@ -1,4 +1,4 @@
-# sae-kit: `make reproduce` runs every notebook and writes results/REPORT.md; `make test` runs the tests.
+# sae-kit: `make reproduce` runs every notebook and writes docs/results/$(SCALE)/REPORT.md; `make test` runs the tests.
 # Each target creates the virtual environment (.venv) on first use.
 PYTHON ?= python3.11
 VENV   := .venv
@@ -35,9 +35,10 @@ nbval: setup
 	# no progress bars under nbval: their widget updates can flood the kernel's output channel
 	TQDM_DISABLE=1 SAE_KIT_SCALE=ci $(PY) -m pytest -q --nbval-lax --nbval-current-env notebooks/
 
+# the reference results (docs/results/lab/ is committed); ONLY= a notebook prefix, e.g. `make reproduce ONLY=01`
 reproduce: setup
-	SAE_KIT_SCALE=$(SCALE) $(PY) -m sae_kit.report
-	@echo "see results/REPORT.md"
+	SAE_KIT_SCALE=$(SCALE) $(PY) -m sae_kit.report --out docs/results/$(SCALE) $(ONLY)
+	@echo "see docs/results/$(SCALE)/REPORT.md"
 
 lab: setup
 	# JupyterLab refuses to run as root without --allow-root (course servers and containers often do)

@@ -39,6 +39,7 @@ from .validate import integer
 SKIP_FIRST = 1  # leave out position 0 (attention sink)
 SKIP_LAST = 1  # leave out the last position (no next-token target)
 _FORMAT = 1
+DOC_SEPARATOR = "\n\n"  # text between joined documents in a store's windows
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class StoreSpec:
     with_grads: bool
     skip_first: int = SKIP_FIRST
     skip_last: int = SKIP_LAST
+    separator: str = DOC_SEPARATOR  # between documents: no <|endoftext|> (a massive activation) mid-window
     format: int = _FORMAT
 
     @property
@@ -130,7 +132,7 @@ class ActivationStore:
             raise FileNotFoundError(f"no activation store at {self.path}{hint}")
         try:
             meta = json.loads(meta_file.read_text())
-            self.spec = StoreSpec(**meta["spec"])
+            self.spec = StoreSpec(**{"separator": "<|endoftext|>", **meta["spec"]})  # older stores joined documents with EOT
             self.eval_windows = int(meta.get("eval_windows", 0))
         except (ValueError, TypeError, KeyError, UnicodeDecodeError) as e:
             raise StoreCorruptError(f"{meta_file} is damaged ({type(e).__name__}: {e}){_REPAIR}") from None
@@ -202,6 +204,12 @@ class ActivationStore:
         if not grads:
             return x
         return x, _to_tensor(self._need_grads()[r.start:stop], device, "gradients of " + what)
+
+    def token_ids(self, split: str = "eval", n: int | None = None) -> torch.Tensor:
+        """The token ids [n] of the activations `get(split, n)` returns, in the same order."""
+        s, w = self.spec, self.window_range(split)
+        ids = self.tokens[w.start:w.stop, s.skip_first:s.skip_first + s.per_window].reshape(-1)
+        return ids if n is None else ids[:n]
 
     def _need_grads(self):
         if self.grads is None:
@@ -311,7 +319,8 @@ def harvest(model, hook: str, n_tokens: int, ctx_len: int = 64, corpus=None, see
     docs = load_texts(corpus, allow_network=allow_network)
     spec = StoreSpec(model=model_id(model), hook=hook, d_in=d_in, n_windows=n_windows,
                      ctx_len=ctx_len, corpus=fingerprint(docs), seed=seed, dtype=dtype, with_grads=with_grads)
-    windows = token_windows(model.tokenizer, docs, ctx_len, n_windows, seed=seed)  # the corpus is big enough
+    windows = token_windows(model.tokenizer, docs, ctx_len, n_windows, seed=seed,
+                            separator=spec.separator)  # the corpus is big enough
     final = Path(path) if path is not None else cache_dir() / "stores" / spec.key()
     part = final.with_name(final.name + ".partial")
     _claim_store_path(final)

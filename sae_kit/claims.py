@@ -46,11 +46,15 @@ class Claim:
 
     @property
     def verdict(self) -> str:
-        return {True: "held", False: "did not hold", None: "not decided"}[self.held]
+        return Claims._word(self.held)
 
 
 class Claims:
     """An ordered list of claims for one notebook."""
+
+    @staticmethod
+    def _word(held: bool | None) -> str:
+        return {True: "held", False: "did not hold", None: "not decided"}[held]
 
     def __init__(self, notebook: str, scale: str | None = None):
         self.notebook = notebook

@@ -133,7 +133,7 @@ def fingerprint(docs: list[str]) -> str:
 
 
 def token_windows(tokenizer, docs: list[str], ctx_len: int, n_windows: int | None = None,
-                  seed: int = 0, sep_token_id: int | None = None) -> torch.Tensor:
+                  seed: int = 0, sep_token_id: int | None = None, separator: str | None = None) -> torch.Tensor:
     """Tokenise documents, join them with a separator, cut into windows, shuffle them by seed.
 
     Args:
@@ -143,18 +143,26 @@ def token_windows(tokenizer, docs: list[str], ctx_len: int, n_windows: int | Non
         n_windows: how many windows to return; None returns all.
         seed: shuffle seed; the same seed gives the same windows.
         sep_token_id: placed between documents; default the tokenizer's ``<|endoftext|>``/EOS.
+        separator: text placed between documents instead (its tokens), e.g. ``"\\n\\n"``. The
+            activation stores use it: an ``<|endoftext|>`` in mid-window is a massive activation
+            (a norm ~100× the median at SmolLM2's layer 12) that would dominate every variance-based
+            metric.
 
     Returns:
         Long tensor [n_windows, ctx_len].
     """
     if ctx_len < 2:
         raise ValueError(f"ctx_len must be at least 2, got {ctx_len}")
-    if sep_token_id is None:
+    if separator is not None:
+        sep = tuple(tokenizer(separator, add_special_tokens=False)["input_ids"])
+    elif sep_token_id is None:
         sep_token_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
         if sep_token_id is None or sep_token_id == tokenizer.unk_token_id and tokenizer.unk_token != "<|endoftext|>":
             sep_token_id = tokenizer.eos_token_id
+    if separator is None:
+        sep = (sep_token_id,)
     ids = tokenizer(docs, add_special_tokens=False)["input_ids"]
-    flat = np.fromiter((t for doc in ids for t in (*doc, sep_token_id)), dtype=np.int64)
+    flat = np.fromiter((t for doc in ids for t in (*doc, *sep)), dtype=np.int64)
     n_avail = len(flat) // ctx_len
     if n_avail == 0:
         raise ValueError(f"corpus has {len(flat)} tokens, fewer than one window of {ctx_len}; give a larger "

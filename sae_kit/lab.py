@@ -3,7 +3,7 @@
     python -m sae_kit.lab build        # notebooks/NN_*.ipynb -> labs/NN_*.ipynb  (make labs)
     python -m sae_kit.lab list         # the exercises: id, difficulty, minutes, objective
     python -m sae_kit.lab check        # exit 1 if labs/ is not what `build` writes now
-    python -m sae_kit.lab timings --scale ci --report results/timings.json
+    python -m sae_kit.lab timings --scale ci --report results/runs.json
                                        # record a report run's per-notebook times in labs/timings.json
 
 The notebooks in ``notebooks/`` stay the single source: they hold the solutions, and nbval runs them.
@@ -209,8 +209,9 @@ def build(src: Path, out: Path) -> dict[Path, str]:
 
 
 def record_timings(labs: Path, scale: str, report: Path, note: str = "") -> dict:
-    """Put a report run's per-notebook wall times (``{notebook: seconds}``, as `sae_kit.report`
-    writes them) into ``labs/timings.json`` under `scale`, in minutes."""
+    """Put a report run's per-notebook wall times (``runs.json``, as `sae_kit.report` writes it:
+    ``{notebook: {"seconds": ...}}``, or plain seconds from older runs) into ``labs/timings.json``
+    under `scale`, in minutes."""
     from .fsutil import atomic_write_text
 
     if scale not in SCALES:
@@ -219,6 +220,7 @@ def record_timings(labs: Path, scale: str, report: Path, note: str = "") -> dict
     f = Path(labs) / "timings.json"
     data = json.loads(f.read_text()) if f.exists() else {"measured": {}, "notebooks": {}}
     for name, t in seconds.items():
+        t = t["seconds"] if isinstance(t, dict) else t
         data["notebooks"].setdefault(name, {})[scale] = {"minutes": round(t / 60, 1)}
     if note:
         data["measured"][scale] = note
@@ -232,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--notebooks", default="notebooks", help="the solution notebooks (default: notebooks)")
     ap.add_argument("--out", default="labs", help="where the student notebooks go (default: labs)")
     ap.add_argument("--scale", help="timings: the scale the report ran at")
-    ap.add_argument("--report", default="results/timings.json", help="timings: the report's timings.json")
+    ap.add_argument("--report", default="results/runs.json", help="timings: the report's runs.json")
     ap.add_argument("--note", default="", help="timings: how they were measured (machine, cache state)")
     a = ap.parse_args(argv)
     src, out = Path(a.notebooks), Path(a.out)

@@ -103,3 +103,24 @@ def random_coherence(d_sae: int, d_in: int, seed: int = 0) -> float:
     """`coherence` of random Gaussian atoms of the same shape (the quasi-orthogonal baseline)."""
     gen = torch.Generator().manual_seed(seed)
     return coherence(torch.randn(d_sae, d_in, generator=gen))["mean_max"]
+
+
+@torch.no_grad()
+def variance_concentration(x: torch.Tensor, top=(0.001, 0.01, 0.1), dims: int = 5) -> dict:
+    """Where the variance that FVU divides by lives: the share of Σ_t ‖x_t − x̄‖² held by the top
+    fraction of tokens (ranked by their own ‖x_t − x̄‖²) and by the `dims` largest dimensions.
+
+    Returns:
+        dict with ``tokens`` {fraction: share}, ``dims`` (share of the top `dims` dimensions),
+        ``order`` (token indices, largest contribution first) and ``curve`` (cumulative share, in
+        that order) for plotting.
+    """
+    c = (x.double() - x.double().mean(0)).pow(2)
+    per_token, per_dim = c.sum(1), c.sum(0)
+    total = float(per_token.sum())
+    order = per_token.argsort(descending=True)
+    curve = per_token[order].cumsum(0) / total
+    n = len(x)
+    shares = {q: float(curve[max(1, int(round(q * n))) - 1]) for q in top}
+    return {"tokens": shares, "dims": float(per_dim.topk(min(dims, x.shape[1])).values.sum() / total),
+            "order": order, "curve": curve.float()}

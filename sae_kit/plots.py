@@ -300,3 +300,29 @@ def steering_curves(rows: list[dict], save: str | None = None):
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     return save_figure(fig, save)
+
+
+def variance_concentration(norms: torch.Tensor, conc: dict, labels: list[str] | None = None, save: str | None = None):
+    """Left: token norms (log counts). Right: the cumulative share of the variance against the
+    fraction of tokens that hold it, largest first (`metrics.variance_concentration`); the text of
+    the largest tokens when `labels` (one string per token) is given."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 3.4))
+    a.hist(norms.numpy(), bins=60)
+    a.set_yscale("log")
+    a.set_xlabel("‖x‖ of a token's activation")
+    a.set_ylabel("tokens")
+    n = len(conc["curve"])
+    frac = torch.arange(1, n + 1) / n
+    b.plot(frac.numpy(), conc["curve"].numpy())
+    b.plot([1 / n, 1], [1 / n, 1], ls=":", c="grey", label="every token alike")
+    b.set_xscale("log")
+    b.set_xlabel("fraction of tokens, largest contribution first")
+    b.set_ylabel("share of Σ‖x − x̄‖²")
+    for q, s in conc["tokens"].items():
+        b.annotate(f"{100 * q:g}% → {100 * s:.0f}%", (q, s), textcoords="offset points", xytext=(4, -12), fontsize=8)
+    if labels:
+        top = [labels[i] for i in conc["order"][:8].tolist()]
+        b.set_title("largest: " + ", ".join(repr(t) for t in top), fontsize=8)
+    b.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, save)

@@ -2,10 +2,12 @@
 
     python -m sae_kit.report                  # all notebooks at $SAE_KIT_SCALE (default lab)
     python -m sae_kit.report --scale ci 00    # only notebooks whose name starts with 00
+    make reproduce                            # all at lab, into docs/results/lab/ (committed)
 
 Each notebook is executed in place of a copy (the stored notebooks stay stripped), saved as HTML
 under ``results/html/``, its figures land in ``results/figures/`` and its claims table in
-``results/claims/``. The report gathers every claims table, with run times.
+``results/claims/``. The report gathers every claims table, with each notebook's run time, date,
+commit and machine (kept in ``runs.json``, so a report can gather notebooks run at different times).
 """
 
 from __future__ import annotations
@@ -20,7 +22,30 @@ from pathlib import Path
 from .claims import Claims
 
 
-def run_notebook(path: Path, out_dir: Path, timeout: int = 3600) -> float:
+def provenance() -> dict:
+    """When, from which commit and on what machine a notebook ran."""
+    import datetime
+    import platform
+    import subprocess
+
+    import torch
+
+    try:
+        here = Path(__file__).resolve().parent
+        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        commit = (commit + (" + uncommitted changes" if dirty else "")) if commit else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": commit,
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__} with "
+                       f"{os.environ.get('OMP_NUM_THREADS') or torch.get_num_threads()} threads, {gpu}"}
+
+
+def run_notebook(path: Path, out_dir: Path, timeout: int = 4 * 3600) -> float:
     import nbformat
     from nbclient import NotebookClient
     from nbconvert import HTMLExporter
@@ -38,16 +63,20 @@ def run_notebook(path: Path, out_dir: Path, timeout: int = 3600) -> float:
     return time.time() - t0
 
 
-def write_report(out_dir: Path, timings: dict[str, float], scale: str) -> Path:
+def write_report(out_dir: Path, timings: dict, scale: str) -> Path:
+    """Gather every claims table under `out_dir` into ``REPORT.md``; `timings` maps a notebook to its
+    run record (seconds, date, commit, machine) or, from older runs, to its seconds."""
     lines = ["# sae-kit results", "",
-             f"Scale `{scale}`. Each section is one notebook's claims table: what the paper says, "
-             f"what the notebook measured on the kit's model, and whether it held. Executed notebooks "
-             f"are in `html/`, figures in `figures/`.", ""]
+             f"Scale `{scale}`. Each section is one notebook's claims table: what the paper says (and where), "
+             f"what the notebook measured on the kit's model (and the figure that shows it), the verdict, why, "
+             f"and the decision rule. Figures are in `figures/`; executed notebooks in `html/` (not committed).", ""]
     for path in sorted((out_dir / "claims").glob("*.json")):
         c = Claims.load(path)
-        t = timings.get(c.notebook)
-        lines += [f"## {c.notebook}" + (f" ({t / 60:.1f} min)" if t else ""), "",
-                  f"scale `{c.scale}`", "", c.to_markdown(), ""]
+        run = timings.get(c.notebook)
+        run = {"seconds": run} if isinstance(run, (int, float)) else (run or {})
+        where = ", ".join(f"{k} {run[k]}" for k in ("date", "commit", "machine") if k in run)
+        lines += [f"## {c.notebook}" + (f" ({run['seconds'] / 60:.1f} min)" if "seconds" in run else ""), "",
+                  f"scale `{c.scale}`" + (f"; ran {where}" if where else ""), "", c.to_markdown(), ""]
     report = out_dir / "REPORT.md"
     report.write_text("\n".join(lines))
     return report
@@ -70,19 +99,20 @@ def main(argv: list[str] | None = None) -> int:
     if not nbs:
         print(f"no notebooks matched {args.only} in {args.notebooks}", file=sys.stderr)
         return 2
-    timings_file = out / "timings.json"
+    timings_file = out / "runs.json"
     timings = json.loads(timings_file.read_text()) if timings_file.exists() else {}
     failed = []
     for nb in nbs:
         print(f"running {nb.name} at scale {scale} ...", flush=True)
         try:
-            timings[nb.stem] = run_notebook(nb.resolve(), out)
-            print(f"  done in {timings[nb.stem] / 60:.1f} min", flush=True)
+            seconds = run_notebook(nb.resolve(), out)
+            timings[nb.stem] = {"seconds": round(seconds, 1), **provenance()}
+            print(f"  done in {seconds / 60:.1f} min", flush=True)
         except Exception as e:  # keep going: the report says which failed
             failed.append(nb.name)
             print(f"  FAILED: {e.__class__.__name__}: {str(e)[-2000:]}", file=sys.stderr, flush=True)
     out.mkdir(parents=True, exist_ok=True)
-    timings_file.write_text(json.dumps(timings, indent=1))
+    timings_file.write_text(json.dumps(timings, indent=1))  # (a run record per notebook)
     report = write_report(out, timings, scale)
     print(f"wrote {report}")
     return 1 if failed else 0

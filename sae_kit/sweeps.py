@@ -26,7 +26,8 @@ class Variant:
 
     label: str
     build: Callable
-    train_kw: dict = field(default_factory=dict)  # e.g. {"grads": True} for g-SAE
+    train_kw: dict = field(default_factory=dict)  # e.g. {"grads": True} for g-SAE, {"batch_size": 5120}
+    seeds: tuple | None = None  # its own seeds (e.g. one for an ablation); None: the sweep's
 
 
 @dataclass
@@ -57,9 +58,9 @@ def each_mode(sae, evaluate: Callable[[str], dict]) -> list[dict]:
 
 
 def run_sweep(variants: list[Variant], store, ks, evaluate: Callable, batch_size: int, epochs: int,
-              seeds=(0,), extra_seed_k: int | None = None) -> Sweep:
+              seeds=(0,), extra_seed_k: "int | str | None" = None) -> Sweep:
     """Train (or reload from the cache: `train_cached`) and evaluate every variant at every k (first
-    seed), and at `extra_seed_k` every seed.
+    seed), and at `extra_seed_k` every seed (``"all"``: every seed at every k).
 
     Args:
         variants: what to train.
@@ -67,8 +68,8 @@ def run_sweep(variants: list[Variant], store, ks, evaluate: Callable, batch_size
         ks: the k values.
         evaluate: ``evaluate(sae, k) -> list of rows`` (one per inference mode, e.g. from `each_mode`;
             each with ``mode``, ``default`` and the metrics, which must include ``l0``).
-        batch_size, epochs: training settings shared by all.
-        seeds: seeds; all of them are used only at `extra_seed_k`.
+        batch_size, epochs: training settings shared by all (a variant's ``train_kw`` may override them).
+        seeds: seeds (a variant's own ``seeds`` replace them); all are used only at `extra_seed_k`.
 
     Returns:
         A `Sweep`.
@@ -76,9 +77,10 @@ def run_sweep(variants: list[Variant], store, ks, evaluate: Callable, batch_size
     out, records = Sweep(pd.DataFrame()), []
     for v in variants:
         for k in ks:
-            for seed in (seeds if k == extra_seed_k else seeds[:1]):
-                sae, hist = train_cached(v.build(k, seed), store, batch_size=batch_size, epochs=epochs, seed=seed,
-                                         desc=f"{v.label} k={k} seed={seed}", **v.train_kw)
+            own = seeds if v.seeds is None else v.seeds
+            for seed in (own if extra_seed_k == "all" or k == extra_seed_k else own[:1]):
+                kw = {"batch_size": batch_size, "epochs": epochs, **v.train_kw}
+                sae, hist = train_cached(v.build(k, seed), store, seed=seed, desc=f"{v.label} k={k} seed={seed}", **kw)
                 out.saes[v.label, k, seed], out.histories[v.label, k, seed] = sae, hist
                 records += [{"label": v.label, "k": k, "seed": seed, **row} for row in evaluate(sae, k)]
     out.table = pd.DataFrame(records)

@@ -24,7 +24,7 @@ from .fsutil import atomic_write_bytes
 from .config import bars_off, get_scale
 from .validate import integer, real
 
-_STAMPS = ("model_name", "hook_name", "store_key", "scale")  # provenance `train` writes into the config
+_STAMPS = ("model_name", "hook_name", "store_key", "scale", "activation_scale")  # provenance `train` writes into the config
 
 
 def default_lr(d_sae: int) -> float:
@@ -79,7 +79,7 @@ def train(sae, store, batch_size: int = 2048, epochs: int = 1, lr: float | None 
           warmup_frac: float = 0.05, decay_frac: float = 0.2, seed: int = 0, grads: bool = False,
           init_b_dec: bool = True, progress: bool = True, desc: str | None = None,
           max_steps: int | None = None, checkpoint: str | Path | None = None, checkpoint_every: int = 200,
-          force: bool = False, keep_checkpoint: bool = False) -> History:
+          force: bool = False, keep_checkpoint: bool = False, normalize: str | None = None) -> History:
     """Train `sae` on the training split of an `ActivationStore` (or a tensor [N, d_in]).
 
     Args:
@@ -103,6 +103,13 @@ def train(sae, store, batch_size: int = 2048, epochs: int = 1, lr: float | None 
         keep_checkpoint: leave the last checkpoint on disk at the end (for a caller that removes it once
             it has stored the result itself, as `train_cached` does).
         force: train on a store from another hook / model than the one stamped in ``sae.cfg``.
+        normalize: None (train on x as it is) or ``"expected_average"`` (SAELens's
+            ``expected_average_only_in``): train on s·x with s = √d_in / mean ‖x‖ over up to 8192
+            training tokens, so the average input norm is √d_in whatever the model. After training
+            s is folded into the weights (`SAE.fold_input_scale`: the SAE then reads x itself) and
+            recorded as ``cfg.activation_scale``, which `save` writes into ``cfg.json``. The FVU loss
+            is scale-free, so this changes only the optimiser's view (learning rate, Adam's eps,
+            the initial weights against the data), not which tokens dominate the loss.
 
     Returns:
         The `History` of the run. Training on a store stamps its model, hook and key, and the
@@ -118,6 +125,11 @@ def train(sae, store, batch_size: int = 2048, epochs: int = 1, lr: float | None 
     if max_steps is not None:
         max_steps = integer("max_steps", max_steps, min=1, hint="; pass None to train on every batch")
     checkpoint_every = integer("checkpoint_every", checkpoint_every, min=1)
+    if normalize not in (None, "expected_average"):
+        raise ValueError(f"normalize must be None or 'expected_average', got {normalize!r}")
+    if normalize and not sae.folds_input_scale:
+        raise ValueError(f"normalize={normalize!r} is not available for {type(sae).__name__}: its selection "
+                         f"cannot be folded back to raw inputs; train it with normalize=None")
     store = _check_store(sae, store, grads, force)
     device = sae.device
     batches, n_steps = _batches(store, batch_size, epochs, seed, device, grads)
@@ -142,13 +154,14 @@ def train(sae, store, batch_size: int = 2048, epochs: int = 1, lr: float | None 
 
     ckpt = Checkpoint(checkpoint, sae, store, dict(batch_size=batch_size, epochs=epochs, lr=lr, seed=seed,
                       warmup_frac=warmup_frac, decay_frac=decay_frac, grads=grads, init_b_dec=init_b_dec,
-                      n_steps=n_steps)) if checkpoint is not None else None
+                      n_steps=n_steps, normalize=normalize)) if checkpoint is not None else None
     hist, start = History(), 0
+    sample = store.get("train", 8192) if isinstance(store, ActivationStore) else store[:8192]
+    s = float(sae.cfg.d_in ** 0.5 / sample.norm(dim=1).mean()) if normalize else 1.0
     if ckpt is not None and ckpt.exists():
         start, hist = ckpt.restore(sae, opt)
     elif init_b_dec:
-        sample = store.get("train", 8192) if isinstance(store, ActivationStore) else store[:8192]
-        sae.init_b_dec(sample)
+        sae.init_b_dec(sample * s)
     sae.train()
     bar = tqdm(total=n_steps, initial=start, desc=desc or f"train {sae.label}",
                disable=bars_off(progress))
@@ -164,6 +177,8 @@ def train(sae, store, batch_size: int = 2048, epochs: int = 1, lr: float | None 
                                      f"re-harvest the store (it may be corrupt) or check its dtype")
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
+        if normalize:  # the SAE sees s·x; the loss's gradient w.r.t. s·x is g / s
+            x, g = x * s, (g / s if g is not None else None)
         out = train_step(sae, opt, x, g)
         seen += len(x)
         hist.step.append(step)
@@ -180,6 +195,8 @@ def train(sae, store, batch_size: int = 2048, epochs: int = 1, lr: float | None 
             ckpt.save(step + 1, sae, opt, hist, seconds=hist.seconds + time.time() - t0)
     bar.close()
     sae.eval()
+    if normalize:
+        sae.fold_input_scale(s)
     hist.seconds += time.time() - t0
     if ckpt is not None and not keep_checkpoint:
         ckpt.remove()
@@ -358,8 +375,9 @@ def training_arguments(train_kw: dict) -> dict:
 
 
 # Part of every cache key of `train_cached`: bump it when a change to the kit changes the weights a
-# training run produces (2: AuxK no longer re-picks the main code's pairs), so no stale SAE is reused.
-TRAINING_REVISION = 2
+# training run produces (2: AuxK no longer re-picks the main code's pairs; 3: Mutual / Feature Choice
+# start from random Zipf ranks), so no stale SAE is reused.
+TRAINING_REVISION = 3
 
 
 def train_cached(sae, store, progress: bool = True, **train_kw):

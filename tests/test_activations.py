@@ -25,6 +25,17 @@ def test_store_holds_real_activations_with_splits(small_store, model):
     _, cache = model.run_with_cache(s.tokens[w:w + 1].long(), names_filter=s.spec.hook, stop_at_layer=9)
     fresh = cache[s.spec.hook][0, 1:63]
     assert torch.allclose(x[:62], fresh, rtol=2e-3, atol=2e-3)  # fp16 storage
+    # token_ids lines up with get(): the first eval token is position 1 of the first eval window
+    ids = s.token_ids("eval")
+    assert len(ids) == len(x) and ids[:62].tolist() == s.tokens[w, 1:63].tolist()
+
+
+def test_stores_join_documents_without_endoftext(small_store, model):
+    """No mid-window <|endoftext|>: it is a massive activation that would dominate the variance."""
+    eot = model.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    assert small_store.spec.separator == "\n\n" and not bool((small_store.tokens == eot).any())
+    sep = model.tokenizer("\n\n", add_special_tokens=False)["input_ids"]
+    assert bool(torch.isin(small_store.tokens, torch.tensor(sep, dtype=small_store.tokens.dtype)).any())
 
 
 def test_batches_cover_the_train_split_once_per_epoch(small_store):

@@ -43,12 +43,44 @@ def test_feature_choice_uniform_keeps_each_features_top_m_tokens():
 
 def test_capacities_sum_to_budget_respect_cap_and_follow_zipf():
     p = zipf_probs(1000, alpha=1.2, b=2.0)
-    m = capacities(p, total=32 * 512, cap=512)
+    m = capacities(p, total=32 * 512, cap=512, min_one=True)
     assert int(m.sum()) == 32 * 512
     assert int(m.max()) <= 512 and int(m.min()) >= 1  # every feature gets a slot
     assert bool((m[:-1] >= m[1:]).all())  # more probable ranks never get less
     heavy = capacities(torch.tensor([100.0, 1.0, 1.0]), total=10, cap=4)
     assert heavy.tolist()[0] == 4 and int(heavy.sum()) == 10  # clipped at B, excess redistributed
+
+
+def test_capacities_water_fill_by_hand():
+    # shares 0.5, 0.3, 0.2 of 10 slots, cap 4: the first is clipped at 4 and its excess 1 goes to the
+    # others in proportion 3:2 -> 3.6, 2.4 -> floors 3, 2 and the last slot to the larger remainder
+    assert capacities(torch.tensor([0.5, 0.3, 0.2]), total=10, cap=4).tolist() == [4, 4, 2]
+    # two clipped in a cascade: 0.6, 0.3, 0.05, 0.05 of 9 slots, cap 3 -> 3, 3, then 1.5, 1.5 -> 2, 1
+    m = capacities(torch.tensor([0.6, 0.3, 0.05, 0.05]), total=9, cap=3)
+    assert m[:2].tolist() == [3, 3] and sorted(m[2:].tolist()) == [1, 2]
+    # order does not matter: the same weights shuffled give the same capacities, shuffled
+    p = zipf_probs(500, 1.1, 3.0)
+    perm = torch.randperm(500, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(capacities(p[perm], 8 * 256, 256), capacities(p, 8 * 256, 256)[perm])
+
+
+def test_min_one_is_a_knob_and_off_by_default():
+    p = zipf_probs(1000, alpha=1.5, b=0.0)
+    plain, floored = capacities(p, total=4 * 512, cap=512), capacities(p, total=4 * 512, cap=512, min_one=True)
+    assert int((plain == 0).sum()) > 0 and int(floored.min()) == 1
+    assert int(plain.sum()) == int(floored.sum()) == 4 * 512
+    sae = choice_sae("fc", 4, 1000, k=4, capacity="zipf", zipf_alpha=1.5, zipf_b=0.0)
+    assert sae.cfg.min_one is False and int((sae.feature_capacities(512) == 0).sum()) > 0
+    sae.cfg.min_one = True
+    assert int(sae.feature_capacities(512).min()) == 1
+
+
+def test_zipf_ranks_start_from_a_seeded_random_permutation():
+    a, b = (choice_sae("fc", 4, 50, k=2, capacity="zipf", seed=s) for s in (0, 1))
+    assert not torch.equal(a.density, b.density)  # different seeds, different starting ranks
+    assert torch.equal(a.density.sort().values, b.density.sort().values)  # the same Zipf densities
+    assert int(a.density.argmax()) != 0 or int(b.density.argmax()) != 0  # not index order
+    assert torch.equal(a.start_density(), choice_sae("fc", 4, 50, k=2, capacity="zipf", seed=0).density)
 
 
 def test_capacities_refuse_an_impossible_budget():

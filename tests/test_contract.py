@@ -130,3 +130,39 @@ def test_a_config_saved_by_an_earlier_version_loads(tmp_path, rng):
 def test_a_dictionary_refuses_another_methods_config():
     with pytest.raises(TypeError, match="needs a TopKConfig"):
         sae_kit.TopKSAE(sae_kit.saes.ChoiceConfig(d_in=4, d_sae=8, k=2))
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
+def test_folding_an_input_scale_is_exact(cls, rng):
+    """An SAE trained on s·x, folded, reads x and returns (its output on s·x) / s, in every mode."""
+    sae, x, _ = trained(cls, rng)
+    s = 0.37
+    if not cls.folds_input_scale:
+        with pytest.raises(ValueError, match="cannot fold"):
+            sae.fold_input_scale(s)
+        return
+    before, W_dec = {}, sae.W_dec.detach().clone()
+    with torch.no_grad():
+        for mode in sae.modes:
+            with sae.using(mode):
+                before[mode] = sae.reconstruct(s * x) / s
+        sae.fold_input_scale(s)
+        assert sae.cfg.activation_scale == pytest.approx(s)
+        for mode in sae.modes:
+            with sae.using(mode):
+                after = sae.reconstruct(x)
+                assert torch.allclose(after, before[mode], atol=1e-4 * float(after.abs().max())), mode
+    assert torch.equal(sae.W_dec, W_dec)  # the atoms are untouched (unit norm stays unit norm)
+
+
+def test_training_with_expected_average_normalisation(rng, tmp_path):
+    x = 40.0 * (torch.randn(2048, D_IN, generator=rng) @ torch.randn(D_IN, D_IN, generator=rng))
+    sae = sae_kit.topk_sae(D_IN, D_SAE, 4)
+    sae_kit.train(sae, x, batch_size=256, epochs=2, normalize="expected_average", progress=False)
+    s = D_IN ** 0.5 / float(x[:8192].norm(dim=1).mean())
+    assert sae.cfg.activation_scale == pytest.approx(s, rel=1e-5)
+    assert sae_kit.reconstruction_metrics(sae, x)["fvu"] < 0.9  # folded: it reads raw x
+    again = load_sae(sae.save(tmp_path / "normed"))
+    assert again.cfg.activation_scale == pytest.approx(s, rel=1e-5)
+    with pytest.raises(ValueError, match="normalize must be"):
+        sae_kit.train(sae_kit.topk_sae(D_IN, D_SAE, 4), x, batch_size=256, normalize="layer")

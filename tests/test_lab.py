@@ -169,9 +169,10 @@ def test_build_removes_its_own_stale_labs_but_never_a_users_notebook(tmp_path):
 
 
 def test_timings_are_recorded_from_a_report_run(tmp_path):
-    (tmp_path / "t.json").write_text(json.dumps({"00_quickstart": 90.0}))
+    (tmp_path / "t.json").write_text(json.dumps({"00_quickstart": 90.0, "01_x": {"seconds": 30.0, "commit": "abc"}}))
     data = lab.record_timings(tmp_path, "ci", tmp_path / "t.json", note="2 cores, cold cache")
     assert data["notebooks"]["00_quickstart"]["ci"] == {"minutes": 1.5}
+    assert data["notebooks"]["01_x"]["ci"] == {"minutes": 0.5}
     assert data["measured"]["ci"] == "2 cores, cold cache"
     with pytest.raises(ValueError, match="scale must be"):
         lab.record_timings(tmp_path, "huge", tmp_path / "t.json")

@@ -55,6 +55,17 @@ def test_report_gathers_claims(tmp_path):
     report = write_report(tmp_path, {"00_x": 61.0}, "ci")
     text = report.read_text()
     assert "## 00_x (1.0 min)" in text
+    Claims("01_y", scale="ci").save(tmp_path)
+    run = {"seconds": 120.0, "date": "2026-11-30 03:00 UTC", "commit": "abc1234", "machine": "2 CPU cores"}
+    text = write_report(tmp_path, {"01_y": run}, "ci").read_text()
+    assert "## 01_y (2.0 min)" in text and "ran date 2026-11-30 03:00 UTC, commit abc1234, machine 2 CPU cores" in text
+
+
+def test_provenance_names_the_commit_and_machine():
+    from sae_kit.report import provenance
+
+    p = provenance()
+    assert p["commit"] and "CPU cores" in p["machine"] and p["date"].endswith("UTC")
 
 
 def test_cached_splicer_matches_a_plain_full_forward(model, small_store):

@@ -169,3 +169,65 @@ def test_sibling_overlap_by_hand():
     assert [r["parent"] for r in rows] == [0]
     assert rows[0]["jaccard_siblings"] == pytest.approx(1 / 3)  # {0,1} vs {0,2}
     assert rows[0]["jaccard_others"] == pytest.approx(0.0)
+
+
+def test_the_authors_rule_stops_exactly_patience_iterations_after_the_best():
+    _, _, A = planted(seed=4)
+    A = A + 0.3 * torch.randn(A.shape, generator=torch.Generator().manual_seed(4))  # noise: a plateau to stop on
+    r = snmf.fit_snmf(A, 3, sparsity=0.1, max_iter=5000, patience=40, progress=False)
+    assert r.stop == "patience" and r.converged
+    assert r.n_iter == r.best_iter + 1 + 40  # the best, then 40 iterations without a new one
+    assert r.final_rel_change == 0.0  # nothing improved in the last `patience` iterations
+
+
+def test_the_cap_is_reported_as_not_converged():
+    _, _, A = planted(seed=5)
+    r = snmf.fit_snmf(A, 4, sparsity=0.1, max_iter=30, progress=False)
+    assert (r.stop, r.n_iter, r.converged) == ("max_iter", 30, False)
+    assert r.final_rel_change > 0  # a planted fit is still falling after 30 iterations
+    assert "cap 30" in r.rule
+
+
+def test_absolute_tolerance_is_in_units_of_the_squared_error_relative_is_not():
+    """The authors' tol is absolute: scaling A by 1,000 makes the same fit count far more iterations as
+    improvements (so it stops later, or not at all); a relative tol is blind to the scale."""
+    _, _, A = planted(seed=6)
+    A = A + 0.3 * torch.randn(A.shape, generator=torch.Generator().manual_seed(6))
+    kw = dict(rank=3, sparsity=0.1, max_iter=3000, patience=20, tol=1e-2, progress=False)
+    small, big = snmf.fit_snmf(A, **kw), snmf.fit_snmf(1000 * A, **kw)
+    assert small.n_iter < big.n_iter
+    rel = [snmf.fit_snmf(s * A, tol_kind="relative", **{**kw, "tol": 1e-4}) for s in (1, 1000)]
+    assert rel[0].n_iter == rel[1].n_iter and rel[0].best_iter == rel[1].best_iter
+    with pytest.raises(ValueError, match="tol_kind"):
+        snmf.fit_snmf(A, 3, tol_kind="percent", progress=False)
+
+
+def test_project_equals_the_dense_product():
+    gen = torch.Generator().manual_seed(7)
+    A = torch.randn(50, 30, generator=gen)
+    F = torch.zeros(50, 4)
+    F[[1, 7, 9], 0], F[[7, 40], 2] = 1.0, -2.0  # column 1 and 3 empty, rows shared
+    assert torch.allclose(snmf.project(A, F), A.t() @ F, atol=1e-6)
+
+
+def test_cached_fit_is_reused_and_keyed_on_the_data(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAE_KIT_CACHE", str(tmp_path))
+    _, _, A = planted(seed=8)
+    a = snmf.fit_snmf_cached(A, 3, sparsity=0.1, max_iter=50, progress=False)
+    assert len(list((tmp_path / "snmf").glob("*.pt"))) == 1
+    monkeypatch.setattr(snmf, "fit_snmf", lambda *a, **k: pytest.fail("an identical fit was recomputed"))
+    b = snmf.fit_snmf_cached(A, 3, sparsity=0.1, max_iter=50, progress=False)
+    assert torch.equal(a.F, b.F) and a.losses == b.losses and (a.stop, a.best_iter) == (b.stop, b.best_iter)
+    with pytest.raises(pytest.fail.Exception):  # other data, or another argument: a new key
+        snmf.fit_snmf_cached(A + 1, 3, sparsity=0.1, max_iter=50, progress=False)
+    with pytest.raises(pytest.fail.Exception):
+        snmf.fit_snmf_cached(A, 3, sparsity=0.1, max_iter=51, progress=False)
+
+
+def test_hierarchy_reuses_a_given_level_one():
+    _, _, A = planted(d=60, n=300, K=6, keep=6, seed=9)
+    l1 = snmf.fit_snmf(A, 6, sparsity=0.1, max_iter=100, progress=False)
+    got1, l2 = snmf.fit_hierarchical(A, (6, 2), sparsity=0.1, level1=l1, max_iter=100, progress=False)
+    assert got1 is l1 and l2.F.shape == (6, 2)
+    with pytest.raises(ValueError, match="level1 has rank"):
+        snmf.fit_hierarchical(A, (5, 2), level1=l1, progress=False)

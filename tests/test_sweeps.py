@@ -59,6 +59,20 @@ def test_run_sweep_gives_one_row_per_mode(rng):
     assert sweep.sae("MC", 4, 1).mode == "threshold"  # modes restored after evaluation
 
 
+def test_run_sweep_every_seed_at_every_k_and_a_variants_own_seeds_and_batch(rng):
+    x = torch.randn(512, 8, generator=rng)
+    variants = [sweeps.Variant("TopK", lambda k, seed: sae_kit.topk_sae(8, 32, k, seed=seed)),
+                sweeps.Variant("wide batch", lambda k, seed: sae_kit.topk_sae(8, 32, k, seed=seed),
+                               train_kw={"batch_size": 128}, seeds=(0,))]
+    evaluate = lambda sae, k: [{"mode": "topk", "default": True, "l0": float(k)}]
+    sweep = sweeps.run_sweep(variants, x, (2, 4), evaluate, batch_size=64, epochs=1, seeds=(0, 1, 2), extra_seed_k="all")
+    t = sweep.table
+    assert sorted(t[t.label == "TopK"].seed.tolist()) == [0, 0, 1, 1, 2, 2]  # three seeds at both k
+    assert t[t.label == "wide batch"].seed.tolist() == [0, 0]  # its own single seed
+    # a batch of 128 gives 512 * 0.9 / 128 -> fewer steps than a batch of 64
+    assert len(sweep.histories["wide batch", 2, 0].loss) < len(sweep.histories["TopK", 2, 0].loss)
+
+
 def test_cache_key_arguments_fill_in_defaults():
     """seed=0 given or left out, a description or a progress bar: the same training, the same key."""
     from sae_kit.train import training_arguments

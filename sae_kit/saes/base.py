@@ -56,6 +56,7 @@ class SAEConfig:
     hook_name: str = ""  # stamped by `train`: the hook it reads (evaluate / Splicer refuse another)
     store_key: str = ""  # stamped by `train`: the activation store it was trained on
     scale: str = ""  # stamped by `train`: the kit's scale (SAE_KIT_SCALE) when it was trained
+    activation_scale: float = 1.0  # stamped by `train(normalize=...)`: trained on x × this, folded into the weights
 
     def __post_init__(self):
         self.d_in = integer("d_in", self.d_in, min=1)
@@ -438,6 +439,30 @@ class SAE(nn.Module):
         if self.W_dec.grad is not None:  # in place, no B-sized temporaries
             g = self.W_dec.grad
             g.addcmul_(torch.linalg.vecdot(g, self.W_dec)[:, None], self.W_dec, value=-1)
+
+    folds_input_scale = True  # False where the selection is not positive-homogeneous in x (g-SAE)
+
+    @torch.no_grad()
+    def fold_input_scale(self, s: float) -> None:
+        """Make this SAE, trained on s·x, read x itself: its code becomes z/s and its output x̂/s.
+
+        The pre-activations W_enc(s·x − b_dec) + b_enc are s times W_enc(x − b_dec/s) + b_enc/s, and
+        every selection the kit has (top-k, thresholds, ReLU, pursuit on the residual) commutes with a
+        positive scale, so dividing b_enc, b_dec (and thresholds, `fold_thresholds`) by s is exact.
+        The decoder's atoms stay unit-norm. SAELens folds its scaling factor the same way on save.
+        """
+        if not self.folds_input_scale:
+            raise ValueError(f"{type(self).__name__} cannot fold an input scale (its selection is not "
+                             f"positive-homogeneous in x); train it with normalize=None")
+        for name in ("b_enc", "b_dec"):  # (matching pursuit has no b_enc)
+            bias = getattr(self, name, None)
+            if bias is not None:
+                bias.div_(s)
+        self.fold_thresholds(s)
+        self.cfg.activation_scale = float(self.cfg.activation_scale * s)
+
+    def fold_thresholds(self, s: float) -> None:
+        """Divide any learned inference thresholds by s (see `fold_input_scale`); none here."""
 
     @torch.no_grad()
     def init_b_dec(self, x: torch.Tensor, iters: int = 100) -> None:

@@ -59,6 +59,9 @@ class BatchTopKSAE(SAE):
             b = self.cfg.threshold_beta
             self.threshold.mul_(b).add_((1 - b) * code.cutoff)
 
+    def fold_thresholds(self, s: float) -> None:
+        self.threshold.div_(s)  # (a negative "not learned yet" stays negative)
+
     def saelens_tensors(self):
         return {"threshold": self.threshold.clamp_min(0).expand(self.cfg.d_sae).clone()}
 

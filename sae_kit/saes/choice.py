@@ -46,6 +46,7 @@ class ChoiceConfig(SAEConfig):
     tau: float = 0.1  # under-used: running density below tau × the Zipf-expected density
     ema: float = 0.9  # EMA of the batch cut-off that becomes the inference threshold
     density_decay: float = 0.98  # EMA decay of each latent's running density
+    min_one: bool = False  # FC: one guaranteed slot per feature per batch (costs n / kB of the budget)
 
     def __post_init__(self):
         super().__post_init__()
@@ -66,40 +67,42 @@ def zipf_probs(n: int, alpha: float, b: float, device=None) -> torch.Tensor:
     return (p / p.sum()).float()
 
 
-def capacities(probs: torch.Tensor, total: int, cap: int, min_one: bool = True) -> torch.Tensor:
+def capacities(probs: torch.Tensor, total: int, cap: int, min_one: bool = False) -> torch.Tensor:
     """Integer capacities ∝ probs, each ≤ cap, summing to exactly `total` (largest remainder).
 
-    When the budget allows (total ≥ n), every feature first gets one slot and the rest is shared
-    in proportion: a Zipf tail rounded to zero would never fire, never climb in rank, and so be
-    dead for good (a kit choice; the paper does not say how it rounds).
+    Shares above `cap` are clipped and their excess shared among the rest in proportion
+    (water-filling, in closed form on the sorted weights: no loop).
 
     Args:
         probs: [n] non-negative weights.
         total: k·B, the batch's budget.
         cap: B, the most tokens a feature can take.
+        min_one: first give every feature one slot (when total ≥ n), then share the rest. A Zipf
+            tail rounded to zero never fires and never climbs in rank; but at small k the floor
+            costs a large part of the budget (n / kB: 56% at k = 8, B = 1024, n = 4608), so it is
+            off unless asked for (`ChoiceConfig.min_one`).
     """
     n = len(probs)
     if total > n * cap:
         raise ValueError(f"budget {total} exceeds n*B = {n * cap}")
     if min_one and total >= n:
-        return 1 + capacities(probs, total - n, cap - 1, min_one=False)
+        return 1 + capacities(probs, total - n, cap - 1)
     if total == 0:
         return torch.zeros(n, dtype=torch.long, device=probs.device)
     p = probs.double() / probs.double().sum()
-    m = torch.zeros(n, dtype=torch.float64, device=probs.device)
-    free = torch.ones(n, dtype=torch.bool, device=probs.device)
-    left = float(total)
-    for _ in range(n):  # water-filling: clip at cap, give the excess to the rest
-        share = left * p * free / (p * free).sum()
-        over = free & (share > cap)
-        if not over.any():
-            m[free] = share[free]
-            break
-        m[over] = cap
-        free &= ~over
-        left = total - float(m[~free].sum())
+    ps, order = p.sort(descending=True)
+    # with the t largest clipped at cap, the rest share (total − t·cap) in proportion; the first t
+    # for which the largest unclipped share fits under cap is the water level
+    t = torch.arange(n, dtype=torch.float64, device=p.device)
+    tail = ps.flip(0).cumsum(0).flip(0)  # Σ_{i ≥ t} p_i
+    fits = (total - t * cap) * ps <= cap * tail * (1 + 1e-12)
+    n_clip = int(fits.to(torch.int8).argmax()) if bool(fits.any()) else n
+    ms = torch.full_like(ps, float(cap))
+    if n_clip < n:
+        ms[n_clip:] = (total - n_clip * cap) * ps[n_clip:] / tail[n_clip]
+    m = torch.empty_like(ms).scatter_(0, order, ms.clamp(max=cap))
     base = m.floor()
-    short = int(total - base.sum())
+    short = int(round(total - float(base.sum())))
     if short > 0:
         frac = (m - base).masked_fill(base >= cap, -1.0)
         base[frac.topk(short).indices] += 1
@@ -146,9 +149,18 @@ class _ChoiceSAE(SAE):
     def __init__(self, cfg: ChoiceConfig, seed: int = 0, device=None, dtype=torch.float32):
         super().__init__(cfg, seed=seed, device=device, dtype=dtype)
         n = cfg.d_sae
-        self.register_buffer("density", torch.full((n,), cfg.k / n, device=device))
+        # initial running densities: the Zipf-expected ones in a random (seeded) order, so the first
+        # ranks are a random permutation. Equal starting densities would rank the features in index
+        # order, ties broken the same way every step.
+        self.register_buffer("density", self.start_density().to(device))
         self.register_buffer("threshold", torch.zeros(n if self.per_feature_threshold else 1, device=device))
         self.register_buffer("threshold_ready", torch.zeros((), dtype=torch.bool, device=device))
+
+    def start_density(self) -> torch.Tensor:
+        """The running densities training starts from (a function of the config and init seed)."""
+        c = self.cfg
+        perm = torch.randperm(c.d_sae, generator=torch.Generator().manual_seed(self.init_seed))
+        return (c.k * zipf_probs(c.d_sae, c.zipf_alpha, c.zipf_b)).clamp(max=1.0)[perm]
 
     def select(self, pre, g=None, k=None):
         if self.training or self.mode == "batch":
@@ -200,6 +212,9 @@ class _ChoiceSAE(SAE):
         else:
             self.threshold.copy_(cut.expand_as(self.threshold))
             self.threshold_ready.fill_(True)
+
+    def fold_thresholds(self, s: float) -> None:
+        self.threshold.div_(s)
 
     def saelens_tensors(self):
         return {"threshold": self.threshold.clamp_min(0).expand(self.cfg.d_sae).clone()}
@@ -261,7 +276,7 @@ class FeatureChoiceSAE(_ChoiceSAE):
             p = zipf_probs(c.d_sae, c.zipf_alpha, c.zipf_b, self.density.device)
             probs = torch.empty_like(p)
             probs[self.density.argsort(descending=True)] = p
-        return capacities(probs, k * batch, batch)
+        return capacities(probs, k * batch, batch, min_one=c.min_one)
 
     def batch_keep(self, pre, k=None):
         B = pre.shape[0]
