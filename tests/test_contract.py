@@ -135,22 +135,22 @@ def test_a_dictionary_refuses_another_methods_config():
 @pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
 def test_folding_an_input_scale_is_exact(cls, rng):
     """An SAE trained on s·x, folded, reads x and returns (its output on s·x) / s, in every mode."""
-    sae, x, _ = trained(cls, rng)
+    sae, x, g = trained(cls, rng)
     s = 0.37
-    if not cls.folds_input_scale:
+    if not sae.folds_input_scale:
         with pytest.raises(ValueError, match="cannot fold"):
             sae.fold_input_scale(s)
         return
     before, W_dec = {}, sae.W_dec.detach().clone()
     with torch.no_grad():
         for mode in sae.modes:
-            with sae.using(mode):
-                before[mode] = sae.reconstruct(s * x) / s
+            with sae.using(mode):  # a gradient mode gets the gradient w.r.t. s·x, g / s
+                before[mode] = sae.reconstruct(s * x, g / s if mode in sae.grad_modes else None) / s
         sae.fold_input_scale(s)
         assert sae.cfg.activation_scale == pytest.approx(s)
         for mode in sae.modes:
             with sae.using(mode):
-                after = sae.reconstruct(x)
+                after = sae.reconstruct(x, g if mode in sae.grad_modes else None)
                 assert torch.allclose(after, before[mode], atol=1e-4 * float(after.abs().max())), mode
     assert torch.equal(sae.W_dec, W_dec)  # the atoms are untouched (unit norm stays unit norm)
 
