@@ -166,7 +166,7 @@ def _frontier_claim(claims: Claims, table: pd.DataFrame, label: str, reference: 
     claims.add(f"{label} ≤ {reference} FVU at equal L0", "MC, FC ≤ TopK at equal average L0",
                f"FVU ratio at matched L0: {_ratios(gaps)}; per-token nMSE ratio: {_ratios(n_gaps)} "
                f"(k = {', '.join(map(str, ks))}; {noise_text(noise)}){extra}",
-               Verdict(verdict.held, f"{verdict.reason}; per-token nMSE gives {same}" + (f". {note}" if note else "")),
+               Verdict(verdict.held, f"{verdict.reason}; per-token nMSE gives {same}" + (f" ({note})" if note else "")),
                rule="held: the FVU ratio is below 1 beyond 2 seed sd at every k (threshold mode, what a user has; "
                     "the reference frontier interpolated log-log at the variant's L0); did not hold: above 1 beyond "
                     "noise at every k; else not decided",

@@ -207,12 +207,7 @@ def train_recipe(sae, data, recipe: Recipe, batch_size: int, epochs: int = 1, se
         opt.step()
         sae.normalize_decoder()
         seen += len(x)
-        hist.step.append(step)
-        hist.tokens.append(seen)
-        for name in ("loss", "fvu", "l0", "aux", "dead"):
-            v = out.get(name)
-            getattr(hist, name).append(float(v.detach()) if v is not None else float("nan"))
-        hist.lr.append(lr)
+        hist.record(step, seen, out, lr)
     sae.eval()
     hist.seconds = time.time() - t0
     return hist

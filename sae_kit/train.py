@@ -49,6 +49,15 @@ class History:
     def as_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items()}
 
+    def record(self, step: int, tokens: int, out: dict, lr: float) -> None:
+        """Append one step: the step, tokens seen so far, `SAE.loss`'s numbers and the learning rate."""
+        self.step.append(step)
+        self.tokens.append(tokens)
+        for name in ("loss", "fvu", "l0", "aux", "dead"):
+            v = out.get(name)
+            getattr(self, name).append(float(v.detach()) if v is not None else float("nan"))
+        self.lr.append(lr)
+
     @property
     def tokens_per_second(self) -> float:
         return self.tokens[-1] / self.seconds if self.tokens and self.seconds else float("nan")
@@ -181,12 +190,7 @@ def train(sae, store, batch_size: int = 2048, epochs: int = 1, lr: float | None 
             x, g = x * s, (g / s if g is not None else None)
         out = train_step(sae, opt, x, g)
         seen += len(x)
-        hist.step.append(step)
-        hist.tokens.append(seen)
-        for name in ("loss", "fvu", "l0", "aux", "dead"):
-            v = out.get(name)
-            getattr(hist, name).append(float(v.detach()) if v is not None else float("nan"))
-        hist.lr.append(lr_at(step))
+        hist.record(step, seen, out, lr_at(step))
         if step % 10 == 0 or step == n_steps - 1:
             bar.set_postfix(loss=f"{hist.loss[-1]:.3f}", fvu=f"{hist.fvu[-1]:.3f}",
                             L0=f"{hist.l0[-1]:.1f}", dead=f"{100 * hist.dead[-1]:.1f}%")
