@@ -281,13 +281,26 @@ class FeatureChoiceSAE(_ChoiceSAE):
     def batch_keep(self, pre, k=None):
         B = pre.shape[0]
         m = self.feature_capacities(B, k)  # [n]
-        m_max = int(m.max())
-        vals, idx = pre.topk(m_max, dim=0)  # [m_max, n], per feature, descending
-        rank_ok = torch.arange(m_max, device=pre.device)[:, None] < m[None, :]
-        keep = torch.zeros_like(pre, dtype=torch.bool).scatter_(0, idx, rank_ok)
-        # cut-off per feature: its m_j-th largest value (features with m_j = 0 keep their threshold)
-        kth = vals.gather(0, (m - 1).clamp_min(0)[None, :])[0]
-        return keep, torch.where(m > 0, kth, self.threshold if bool(self.threshold_ready) else kth)
+        keep = torch.zeros_like(pre, dtype=torch.bool)
+        kth = torch.zeros(pre.shape[1], dtype=pre.dtype, device=pre.device)
+        # Zipf capacities range from 1 to hundreds: one top-m_max over every column would sort each
+        # column nearly whole (~0.1 s at B = 1024, ~0.7 s at 5120). Columns are grouped by capacity
+        # (powers of two) and each group takes only its own largest m.
+        group = torch.ceil(torch.log2(m.clamp_min(1).double())).long()
+        for g in torch.unique(group[m > 0]).tolist():
+            cols = torch.nonzero((group == g) & (m > 0)).flatten()
+            mg = m[cols]
+            m_max = int(mg.max())
+            vals, idx = pre[:, cols].topk(m_max, dim=0)  # [m_max, |cols|], per feature, descending
+            rank_ok = torch.arange(m_max, device=pre.device)[:, None] < mg[None, :]
+            keep[:, cols] = torch.zeros(B, len(cols), dtype=torch.bool, device=pre.device).scatter_(0, idx, rank_ok)
+            # cut-off per feature: its m_j-th largest value
+            kth[cols] = vals.gather(0, (mg - 1)[None, :])[0]
+        # features with m_j = 0 keep their threshold (or, before any, their largest value)
+        none = m == 0
+        if bool(none.any()):
+            kth[none] = self.threshold[none] if bool(self.threshold_ready) else pre[:, none].max(0).values
+        return keep, kth
 
 
 def choice_sae(rule: str, d_in: int, d_sae: int, k: int, seed: int = 0, device=None, **cfg) -> _ChoiceSAE:
