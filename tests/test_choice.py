@@ -187,3 +187,17 @@ def test_mutual_choice_fast_selection_equals_the_mask():
         assert torch.equal(keep.nonzero(), torch.stack([rows, cols], 1)[torch.argsort(rows * 64 + cols)])
         assert bool((rows[1:] >= rows[:-1]).all()) and torch.equal(cut, cut2)
         assert len(rows) == 3 * len(pre)
+
+
+def test_feature_choice_zipf_keeps_each_features_own_top_m_across_capacity_groups():
+    """Capacities from 1 to dozens fall in different groups; each column still keeps exactly its top m_j."""
+    sae = choice_sae("fc", 4, 64, k=8, capacity="zipf", zipf_alpha=1.5, zipf_b=0.0)
+    pre = torch.randn(96, 64, generator=torch.Generator().manual_seed(3))
+    m = sae.feature_capacities(96)
+    assert int(m.max()) >= 16 and int(m[m > 0].min()) <= 2  # several groups
+    keep, kth = sae.batch_keep(pre)
+    assert keep.sum(0).tolist() == m.tolist()
+    for j in torch.nonzero(m > 0).flatten().tolist():
+        top = pre[:, j].topk(int(m[j]))
+        assert set(torch.nonzero(keep[:, j]).flatten().tolist()) == set(top.indices.tolist())
+        assert float(kth[j]) == float(top.values[-1])  # the cut-off is the m_j-th largest
