@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
             seconds = run_notebook(nb.resolve(), out)
             timings[nb.stem] = {"seconds": round(seconds, 1), **provenance()}
             print(f"  done in {seconds / 60:.1f} min", flush=True)
+            out.mkdir(parents=True, exist_ok=True)  # after each notebook: a long run stopped later keeps it
+            timings_file.write_text(json.dumps(timings, indent=1))
         except Exception as e:  # keep going: the report says which failed
             failed.append(nb.name)
             print(f"  FAILED: {e.__class__.__name__}: {str(e)[-2000:]}", file=sys.stderr, flush=True)
