@@ -152,6 +152,9 @@ def beats_noise(gaps, noise: float, better: str = "lower", what: str = "the gap"
     sign = -1.0 if better == "lower" else 1.0
     if g.size == 0:
         return Verdict(None, f"no {what} to judge")
+    if not np.isfinite(g).all():
+        return Verdict(None, f"{what} is not finite at {int((~np.isfinite(g)).sum())} of {g.size} points "
+                             f"(a metric at or below zero)")
     if not np.isfinite(noise):
         return Verdict(None, "one seed only: no estimate of seed noise to beat")
     n_for, n_against = int((sign * g > noise).sum()), int((sign * g < -noise).sum())
@@ -191,6 +194,16 @@ def monotone(values, noise: float = 0.0, increasing: bool = True, what: str = "t
     if (v[-1] - v[0]) * (1 if increasing else -1) <= noise:
         return Verdict(None, f"{what} change by {_fmt(v[-1] - v[0])} in all, within noise {_fmt(noise)}")
     return Verdict(True, f"{what} {word} at every step (within noise {_fmt(noise)})")
+
+
+SHARE_NOISE_FLOOR = 0.002  # 0.2 points (~10 of 4,608 latents): equal seeds give sd 0, and one latent must not decide
+
+
+def share_noise(sds) -> float:
+    """The noise a difference of two shares (dead %, under-used %) must beat: twice the largest seed
+    sd, floored at `SHARE_NOISE_FLOOR`; nan when no sd was measured (one seed)."""
+    sds = [float(v) for v in sds if np.isfinite(v)]
+    return max(2 * max(sds), SHARE_NOISE_FLOOR) if sds else float("nan")
 
 
 def noise_text(noise: float) -> str:

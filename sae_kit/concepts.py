@@ -262,9 +262,11 @@ def convergence_table(fits: dict):
 def _paired(diffs, unit: str, what: str, min_units: int):
     """(mean, lo, hi, Verdict) for paired differences: held if the 95% bootstrap interval of their
     mean lies above 0, did not hold if below 0; not decided with fewer than `min_units`."""
+    import numpy as np
+
     from .claims import Verdict, bootstrap_ci, interval
 
-    diffs = [float(d) for d in diffs]
+    diffs = [float(d) for d in diffs if np.isfinite(float(d))]  # a concept missing a method drops out
     m, lo, hi = bootstrap_ci(diffs)
     if len(diffs) < min_units:
         return m, lo, hi, Verdict(None, f"only {len(diffs)} {unit}: an interval over fewer than {min_units} "
@@ -306,7 +308,7 @@ def claims(purity_mean: float, chance, shares, steer, tree, fit=None, layer: int
     out.add("SNMF features align with the concepts", "SNMF features align with human-interpretable concepts",
             f"mean purity {purity_mean:.2f} vs sentence-shuffled labels {chance.mean():.2f} (95th percentile {q95:.2f}, "
             f"max {top:.2f} of {len(chance)}); {n_cov}/{n_concepts} concepts have a feature with ≥ 50% of its top tokens",
-            v.held, note=join(v.reason, f"layer {layer} was picked by this purity" if layer is not None else "", conv),
+            v.held, note=join(v.reason, f"layer {layer} was chosen with this purity (among the scan's purest, and early)" if layer is not None else "", conv),
             rule="held: the features' mean purity (share of each feature's 20 top tokens from sentences of its majority "
                  "concept; neutral sentences count against it) is above every one of the label shuffles, which swap "
                  "whole sentences' labels; did not hold: below the shuffles' 95th percentile; else not decided. "
@@ -332,8 +334,9 @@ def claims(purity_mean: float, chance, shares, steer, tree, fit=None, layer: int
     base_rule = ("per steered concept, the harmonic score (offline concept and fluency proxies, mean over the KL "
                  "targets) of SNMF minus {b}; held if the 95% bootstrap interval of the mean difference (over "
                  "concepts) lies above 0, did not hold if below 0, else not decided; fewer than {n} concepts: not "
-                 "decided. Only concepts where SNMF has a feature with ≥ 50% of its top tokens are steered, so this is "
-                 "conditional on SNMF having found the concept; one seed")
+                 "decided. Concepts where SNMF has a feature with ≥ 50% of its top tokens are steered first (topped up "
+                 "with the next-best concepts when fewer qualify), so this leans towards concepts SNMF has found; "
+                 "one seed")
     for b, claim, extra in (
             ("DiffMean", "SNMF steers better than difference-in-means at matched KL", ""),
             ("SAE", "SNMF steers better than SAE latents at matched KL",

@@ -547,12 +547,13 @@ def _proportional_row(fits: list[dict], splices: list[dict]):
 
 def _linear_left_row(splices: list[dict], grads: list[dict] | None):
     """Splicing x − ê lowers CE below the clean model, beyond the controls (a kit observation)."""
-    rows, below, above = [], [], []
+    rows, below, above, control = [], [], [], []
     for s in splices:
         d = s["x − ê"]["dce_ci"]
         gaps = [s[f"dce x − ê minus {c}"] for c in ("x − ē", "(1 − ε)x")]
         below.append(d[2] < 0 and all(v[2] < 0 for v in gaps))
         above.append(d[1] > 0)
+        control += [c for c, v in zip(("x − ē", "(1 − ε)x"), gaps) if v[1] > 0]  # that control lowers CE more
         rows.append(f"ΔCE(x−ê) {_fmt_ci(d)}, minus ΔCE(x−ē) {_fmt_ci(gaps[0])}, minus ΔCE((1−ε)x) "
                     f"{_fmt_ci(gaps[1])}, KL(x−ê) {s['x − ê']['kl_ci'][0]:.3g}")
     measured = " | ".join(rows)
@@ -562,6 +563,9 @@ def _linear_left_row(splices: list[dict], grads: list[dict] | None):
         verdict = Verdict(True, "at every width ΔCE(x − ê) and its paired gaps to both controls have intervals below 0")
     elif any(above):
         verdict = Verdict(False, f"at {sum(above)} of {len(splices)} widths the interval of ΔCE(x − ê) lies above 0")
+    elif control:
+        verdict = Verdict(False, f"a control lowers CE more than x − ê (paired interval above 0): "
+                                 f"{', '.join(sorted(set(control)))}")
     else:
         verdict = Verdict(None, f"{sum(below)} of {len(splices)} widths have ΔCE(x − ê) and both control gaps below 0; "
                                 f"at the rest an interval reaches 0")
@@ -570,5 +574,6 @@ def _linear_left_row(splices: list[dict], grads: list[dict] | None):
             "recovered, up to 100%)", measured, verdict,
             "held if at every width the 95% bootstrap interval (over windows) of ΔCE(x − ê) lies below 0 and so do "
             "the paired differences ΔCE(x − ê) − ΔCE(x − ē) and ΔCE(x − ê) − ΔCE((1 − ε)x); did not hold if at "
-            "some width ΔCE(x − ê)'s interval lies above 0; else not decided. KL(x − ê) is shown: it is ≥ 0 "
+            "some width ΔCE(x − ê)'s interval lies above 0, or a control's paired difference lies above 0 (the "
+            "control explains the drop); else not decided. KL(x − ê) is shown: it is ≥ 0 "
             "however CE moves", "kit observation (cf. Fig. 9, downstream_ce.py)", "05_downstream")

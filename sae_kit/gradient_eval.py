@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .claims import Claims, Verdict, beats_noise, interval, noise_text, threshold
+from .claims import Claims, Verdict, beats_noise, interval, noise_text, share_noise, threshold
 from .config import Scale, bars_off, scale_name
 from .metrics import reconstruction_metrics
 from .saes.gradient import NORMALISATIONS, gradient_factor
@@ -287,15 +287,15 @@ def _dead(c: Claims, table, label, reference, mode, figure):
     for rows in (g_rows, t_rows):
         for _, v in rows.groupby("k")["dead"]:
             if len(v) > 1:
-                sds.append(2 * float(v.std(ddof=1)))
-    noise = max(sds) if sds else float("nan")
+                sds.append(float(v.std(ddof=1)))
+    noise = share_noise(sds)
     verdict = beats_noise(diffs, noise, "lower", what="dead share g-SAE − TopK")
     c.add(f"g-SAE has fewer dead latents ({MODE_NAMES[mode]})", "fewer dead latents than TopK",
           "dead share (never active on the eval tokens) g-SAE vs TopK: "
           + ", ".join(f"k={k}: {100 * g_dead[k]:.2f}% vs {100 * t_dead[k]:.2f}%" for k in ks)
           + (f"; seed noise ±{100 * noise:.2f} points" if np.isfinite(noise) else "; one seed (no noise estimate)"),
           verdict, rule="held: lower than TopK at every k by more than twice the largest seed sd (percentage "
-                        "points); did not hold: higher at every k by as much; else not decided",
+                        "points, at least 0.2); did not hold: higher at every k by as much; else not decided",
           source=f"{PAPER}, summary of the results (not in the abstract)", figure=figure)
 
 
@@ -360,9 +360,10 @@ def _beta_sweep(c: Claims, beta_table, table, label, reference, mode, figure):
     settings = ", ".join(f"{name(r)}: {np.exp(gap):.3f}" for gap, (_, r) in zip(gaps, t.iterrows()))
     if not np.isfinite(noise):
         verdict = Verdict(None, "one seed only: no estimate of seed noise to beat")
-    elif gaps[best] < -noise:
-        verdict = Verdict(True, f"{name(t.iloc[best])} beats TopK by more than seed noise (±{100 * noise:.1f}%); "
-                                f"chosen among {len(gaps)} settings on the eval set, so confirm it on other seeds")
+    elif gaps[best] < -noise:  # best of N at one seed each: noise alone gives this often, so no "held"
+        verdict = Verdict(None, f"{name(t.iloc[best])} beats TopK by more than seed noise (±{100 * noise:.1f}%), but it "
+                                f"is the best of {len(gaps)} settings at one seed each: exploratory until it is "
+                                f"retrained on other seeds")
     elif (gaps > noise).all():
         verdict = Verdict(False, f"every setting is worse than TopK by more than seed noise (±{100 * noise:.1f}%)")
     else:
@@ -371,9 +372,9 @@ def _beta_sweep(c: Claims, beta_table, table, label, reference, mode, figure):
     c.add(f"some β / normalisation makes the g-SAE beat TopK downstream at k = {k} ({MODE_NAMES[mode]})",
           "g-SAE improves downstream CE (for a suitable β: the paper's β and scaling are not public)",
           f"ΔCE ratio g-SAE / TopK at k = {k}: {settings}; {noise_text(noise)}", verdict,
-          rule="held: the best of the swept settings is below TopK's ΔCE at the same k by more than the seed noise "
-               "(exploratory: best of several); did not hold: every setting is above it by more than the noise; "
-               "else not decided",
+          rule="exploratory, never 'held' from the sweep alone (the best of several settings at one seed each beats "
+               "one noise bar by chance too often); did not hold: every setting is above TopK's ΔCE at the same k by "
+               "more than the seed noise; else not decided",
           source=f"{PAPER}, abstract; β and the gradient's scaling are the kit's sweep", figure=figure)
 
 

@@ -155,12 +155,12 @@ def l0_histograms(l0s: dict, k: int, save: str | None = None):
 
 
 def difficulty_scatter(results: dict, save: str | None = None):
-    """Per-token L0 of choice SAEs against the TopK error norm ({label: per_token_difficulty dict})."""
+    """Per-token L0 of choice SAEs against the TopK relative error ({label: per_token_difficulty dict})."""
     fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 3.6), squeeze=False)
     for ax, (label, r) in zip(axes[0], results.items()):
         ax.scatter(r["err"].numpy(), r["l0"].numpy(), s=3, alpha=0.25)
         ax.set_xscale("log")
-        ax.set_xlabel("TopK reconstruction error ‖e‖ (token difficulty)")
+        ax.set_xlabel("TopK relative error ‖e‖ / ‖x‖ (token difficulty)")
         ax.set_ylabel(f"{label}: features per token")
         ax.set_title(f"{label}: Spearman ρ = {r['rho']:.2f}")
         ax.grid(alpha=0.3)

@@ -113,6 +113,18 @@ def test_decision_helpers():
     assert C.monotone([1, 2, 3]).held is True and C.monotone([1, 3, 2], noise=0.5).held is False
     assert C.monotone([1, 1.05, 1.1], noise=0.2).held is None
     assert C.noise_text(float("nan")) == "one seed (no noise estimate)" and "nan" not in C.noise_text(np.nan)
+    assert C.beats_noise([-0.2, float("nan")], 0.05).held is None  # a metric at or below zero decides nothing
+    assert C.share_noise([0.0, 0.0]) == C.SHARE_NOISE_FLOOR and C.share_noise([0.01]) == 0.02
+    assert math.isnan(C.share_noise([]))
+
+
+def test_equal_seeds_do_not_let_one_latent_decide():
+    """Every seed with the same under-used share: sd 0, so a one-latent difference must not decide."""
+    t = table(zipf_under=0.05 - 1 / 4608)
+    t.loc[t.label.isin(["MC", "MC+aux_zipf"]), "under_used"] = t.loc[t.label.isin(["MC", "MC+aux_zipf"]), "label"].map(
+        {"MC": 0.05, "MC+aux_zipf": 0.05 - 1 / 4608})
+    v = verdicts(allocation.claims(t, ZIPF, DIFF, 16, KS, 2560))
+    assert v["aux_zipf_loss reduces under-used features"] is None
 
 
 def test_claims_round_trip_keeps_rule_source_and_figure(tmp_path):

@@ -155,6 +155,23 @@ def test_folding_an_input_scale_is_exact(cls, rng):
     assert torch.equal(sae.W_dec, W_dec)  # the atoms are untouched (unit norm stays unit norm)
 
 
+def test_matching_pursuit_with_a_residual_threshold_folds_exactly(rng):
+    sae = sae_kit.mp_sae(D_IN, D_SAE, 6, residual_threshold=3.0)
+    x = 4 * torch.randn(256, D_IN, generator=rng)
+    s = 0.25
+    with torch.no_grad():
+        before = sae.reconstruct(s * x) / s
+        sae.fold_input_scale(s)
+        assert torch.allclose(sae.reconstruct(x), before, atol=1e-4 * float(before.abs().max()))
+    assert sae.cfg.residual_threshold == pytest.approx(12.0)
+
+
+def test_a_loaded_sae_keeps_its_init_seed(tmp_path):
+    sae = sae_kit.choice_sae("fc", D_IN, D_SAE, 4, capacity="zipf", seed=3)
+    again = load_sae(sae.save(tmp_path / "seeded"))
+    assert again.init_seed == 3 and torch.equal(again.start_density(), sae.start_density())
+
+
 def test_training_with_expected_average_normalisation(rng, tmp_path):
     x = 40.0 * (torch.randn(2048, D_IN, generator=rng) @ torch.randn(D_IN, D_IN, generator=rng))
     sae = sae_kit.topk_sae(D_IN, D_SAE, 4)

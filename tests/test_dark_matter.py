@@ -319,6 +319,8 @@ def test_claims_lower_ce_than_clean_needs_the_controls():
     assert held[6] is False
     held, c = _verdicts(gap=(0.0, -0.03, -0.01))  # one width: x − ê no lower than a control
     assert held[6] is None and "first order" in c.items[6].measured
+    held, c = _verdicts(gap=(0.03, -0.03, -0.01))  # one width: a control lowers CE more than x − ê
+    assert held[6] is False and "a control lowers CE more" in c.items[6].note
 
 
 def test_sizes_by_scale():

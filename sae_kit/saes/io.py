@@ -48,7 +48,7 @@ def _save_locked(sae, path: Path) -> Path:
         "normalize_activations": "none", "reshape_activations": "none",
         **sae.saelens_cfg(),
         "metadata": {"model_name": c.model_name, "hook_name": c.hook_name,
-                     "sae_kit": {"class": type(sae).__name__, "cfg": asdict(c)}},
+                     "sae_kit": {"class": type(sae).__name__, "cfg": asdict(c), "init_seed": sae.init_seed}},
     }
     (tmp / _CFG).write_text(json.dumps(cfg, indent=1))
     replace_dir(tmp, path)
@@ -84,7 +84,7 @@ def load_sae(path: str | Path, device=None):
         raise ValueError(f"{path / _CFG} names the dictionary class {meta.get('class')!r}, which this sae_kit "
                          f"does not know (known: {', '.join(sorted(REGISTRY))}); upgrade sae_kit or re-save the SAE")
     try:
-        sae = cls(cls.config_class(**_upgrade(cls, meta["cfg"])), device=device)
+        sae = cls(cls.config_class(**_upgrade(cls, meta["cfg"])), seed=int(meta.get("init_seed", 0)), device=device)
     except (TypeError, KeyError, ValueError) as e:
         raise ValueError(f"{path / _CFG} holds a config this sae_kit cannot build ({e})") from None
     state = {}

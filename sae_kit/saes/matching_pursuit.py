@@ -211,6 +211,9 @@ class MatchingPursuitSAE(SAE):
             out["dead"] = self.dead_mask().float().mean()
         return out
 
+    def fold_thresholds(self, s: float) -> None:
+        self.cfg.residual_threshold = self.cfg.residual_threshold / s  # ‖r‖ is in input units
+
     def saelens_cfg(self) -> dict:
         """SAELens ``matching_pursuit`` settings that reproduce this SAE's default inference."""
         return {"k": self.cfg.k, "residual_threshold": float(self.cfg.residual_threshold),
