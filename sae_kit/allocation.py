@@ -170,6 +170,10 @@ def _frontier_claim(claims: Claims, table: pd.DataFrame, label: str, reference: 
     gaps, verdict, noise = decided_gap(table, label, reference, key="fvu")
     n_gaps, n_verdict, _ = decided_gap(table, label, reference, key="nmse")
     same = "the same verdict" if n_verdict.held == verdict.held else f"verdict '{Claims._word(n_verdict.held)}'"
+    if np.sign(np.mean(gaps)) != np.sign(np.mean(n_gaps)):  # the high-norm tokens decide the FVU's direction
+        same += (f", and the two point opposite ways (on average {label} is "
+                 f"{'better' if np.mean(gaps) < 0 else 'worse'} on FVU, {'better' if np.mean(n_gaps) < 0 else 'worse'} "
+                 f"on nMSE): the FVU gap comes from the few high-norm tokens")
     claims.add(f"{label} ≤ {reference} FVU at equal L0", "MC, FC ≤ TopK at equal average L0",
                f"FVU ratio at matched L0: {_ratios(gaps)}; per-token nMSE ratio: {_ratios(n_gaps)} "
                f"(k = {', '.join(map(str, ks))}; {noise_text(noise)}){extra}",

@@ -81,6 +81,14 @@ def test_one_seed_decides_no_gap_and_says_so():
     assert row.rule and row.source and row.figure == "01_frontiers"
 
 
+def test_fvu_and_nmse_pointing_opposite_ways_is_said():
+    t = table(fc=0.8)
+    fc = t.label == "FC-Zipf"
+    t.loc[fc, "nmse"] = t.loc[fc, "nmse"] * 1.5  # FC better on FVU, worse per token
+    row = next(c for c in allocation.claims(t, ZIPF, DIFF, 16, KS, 2560).items if c.claim.startswith("FC-Zipf"))
+    assert row.held is True and "opposite ways" in row.note and "worse on nMSE" in row.note
+
+
 def test_a_row_keeps_its_rule_apart_from_its_reason():
     cl = allocation.claims(table(), {"alpha": 1.0, "b": 3.0, "r2": 0.85}, DIFF, 16, KS, 2560)
     row = next(c for c in cl.items if c.claim == "feature densities are roughly Zipf")
