@@ -34,7 +34,8 @@ def provenance() -> dict:
         here = Path(__file__).resolve().parent
         commit = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no", "--",
+                                ":/", ":(exclude,top)docs/results"],  # a report's own results are not code
                                capture_output=True, text=True, timeout=10).stdout.strip()
         commit = (commit + (" + uncommitted changes" if dirty else "")) if commit else "unknown"
     except (OSError, subprocess.SubprocessError):
