@@ -78,6 +78,12 @@ def write_report(out_dir: Path, timings: dict, scale: str) -> Path:
         where = ", ".join(f"{k} {run[k]}" for k in ("date", "commit", "machine") if k in run)
         lines += [f"## {c.notebook}" + (f" ({run['seconds'] / 60:.1f} min)" if "seconds" in run else ""), "",
                   f"scale `{c.scale}`" + (f"; ran {where}" if where else ""), "", c.to_markdown(), ""]
+    book = Path(__file__).resolve().parent.parent / "notebooks"  # the kit's own notebooks, when in a checkout
+    have = {p.stem for p in (out_dir / "claims").glob("*.json")}
+    missing = sorted(p.stem for p in book.glob("[0-9]*.ipynb") if p.stem not in have) if book.is_dir() else []
+    if missing:
+        lines += ["## Not in this report", "", "Not yet run into this folder: " + ", ".join(f"`{m}`" for m in missing)
+                  + f" (`make reproduce SCALE={scale} ONLY=<number>` adds one).", ""]
     report = out_dir / "REPORT.md"
     report.write_text("\n".join(lines))
     return report
