@@ -73,6 +73,35 @@ def evaluate_modes(sae, x: torch.Tensor, g: torch.Tensor, splicer: Splicer | Non
 
 # ---- how big a push is β ----------------------------------------------------------------------
 @torch.no_grad()
+def beta_sweep(table: pd.DataFrame, store, x: torch.Tensor, g: torch.Tensor, splicer: Splicer | None, d_sae: int,
+               k: int, batch_size: int, epochs: int, betas=BETAS, normalisations=("token", "batch"),
+               reuse: str = "g-SAE β=1", **sae_kw) -> pd.DataFrame:
+    """Train (or reload: `train_cached`) a g-SAE for every (normalisation, β) at one k and evaluate it
+    in both modes (`evaluate_modes`). The token-normalised β = 1 SAE is the k sweep's `reuse` label in
+    `table` (seed 0), not retrained.
+
+    Returns:
+        One row per (normalise, beta, mode) with the metrics.
+    """
+    from .saes import gradient_sae
+    from .sweeps import pick
+    from .train import train_cached
+
+    rows = []
+    for norm in normalisations:
+        for beta in betas:
+            if norm == "token" and beta == 1.0 and reuse in set(table["label"]):
+                got = [{c: v for c, v in r.items() if c not in ("label", "seed")}
+                       for mode in ("topk", "gradient") for r in pick(table, reuse, mode, k=k, seed=0).to_dict("records")]
+            else:
+                sae = gradient_sae(store.d_in, d_sae, k, beta=beta, normalise=norm, **sae_kw)
+                sae, _ = train_cached(sae, store, batch_size=batch_size, epochs=epochs, grads=True,
+                                      desc=f"g-SAE {norm} β={beta}")
+                got = [{"k": k, **row} for row in evaluate_modes(sae, x, g, splicer)]
+            rows += [{"normalise": norm, "beta": beta, **row} for row in got]
+    return pd.DataFrame(rows)
+
+
 def selection_change(sae, x: torch.Tensor, g: torch.Tensor, betas=BETAS, normalisations=NORMALISATIONS,
                      batch_size: int = 1024) -> pd.DataFrame:
     """How many of its k latents a token swaps when the gradient term is added to plain top-k.

@@ -326,3 +326,23 @@ def variance_concentration(norms: torch.Tensor, conc: dict, labels: list[str] | 
     b.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     return save_figure(fig, save)
+
+
+def beta_sweep(beta_table: pd.DataFrame, reference: pd.DataFrame, k: int, save: str | None = None):
+    """ΔCE and FVU against β for each (normalisation, mode) of a g-SAE β sweep (`gradient_eval.beta_sweep`),
+    with the reference TopK (β = 0) as a line and its seed spread as a band."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.6))
+    for ax, key, title in zip(axes, ("delta_ce", "fvu"), ("ΔCE", "FVU")):
+        m = reference[key].mean()
+        sd = reference[key].std(ddof=1) if len(reference) > 1 else 0.0
+        ax.axhline(m, color="k", lw=1, label="TopK (β = 0)")
+        ax.axhspan(m - sd, m + sd, color="k", alpha=0.1)
+        for (norm, mode), t in beta_table.groupby(["normalise", "mode"], sort=False):
+            ax.plot(t["beta"], t[key], "o-" if mode == "topk" else "s--", label=f"{norm}, {mode} mode")
+        ax.set_xlabel("β")
+        ax.set_ylabel(title)
+        ax.set_title(f"{title} at k = {k}")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    return save_figure(fig, save)
