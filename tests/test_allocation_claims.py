@@ -140,3 +140,15 @@ def test_claims_round_trip_keeps_rule_source_and_figure(tmp_path):
     cl.add("a", "b", "c", C.Verdict(True, "because"), rule="r", source="§1", figure="f")
     back = C.Claims.load(cl.save(tmp_path))
     assert back.items[0].note == "because" and back.items[0].rule == "r" and back.items[0].figure == "f"
+
+
+def test_quickstart_claims_by_hand():
+    from sae_kit import quickstart
+
+    args = dict(metrics={"l0": 32.0, "dead": 0.01}, splice={"delta_ce": 0.08, "ce_recovered": 0.99, "kl": 0.27},
+                fvus=[0.14, 0.12, 0.10], k=32, ks=(8, 16, 32), dead_train=0.02, n_eval=20_000, dead_tokens=50_000)
+    v = verdicts(quickstart.claims(**args, scale="lab"))
+    assert list(v.values()) == [True, True, True, None]
+    v = verdicts(quickstart.claims(**{**args, "fvus": [0.14, 0.15, 0.10], "dead_train": 0.2}, scale="lab"))
+    assert list(v.values()) == [True, False, False, None]
+    assert verdicts(quickstart.claims(**args, scale="ci"))["few dead latents with tied init + AuxK"] is None

@@ -19,7 +19,7 @@ LAYERS = {
     "train": 4,
     "metrics": 5,
     "splice": 6, "steering": 6, "sweeps": 6,
-    "allocation": 7, "gradient_eval": 7, "pursuit": 7, "concepts": 7, "dark_matter": 7,
+    "quickstart": 7, "allocation": 7, "gradient_eval": 7, "pursuit": 7, "concepts": 7, "dark_matter": 7,
     "plots": 8, "explorer": 8, "report": 8, "checks": 8,
     "lab": 9,
 }
