@@ -72,7 +72,6 @@ def evaluate_modes(sae, x: torch.Tensor, g: torch.Tensor, splicer: Splicer | Non
 
 
 # ---- how big a push is β ----------------------------------------------------------------------
-@torch.no_grad()
 def beta_sweep(table: pd.DataFrame, store, x: torch.Tensor, g: torch.Tensor, splicer: Splicer | None, d_sae: int,
                k: int, batch_size: int, epochs: int, betas=BETAS, normalisations=("token", "batch"),
                reuse: str = "g-SAE β=1", **sae_kw) -> pd.DataFrame:

@@ -84,6 +84,7 @@ def check_fits(sae, store, force: bool = False, action: str = "use") -> None:
                 f"of {have!r}, or pass force=True if you mean to read it at another {what}")
 
 
+@torch.enable_grad()  # training needs autograd even when called from inside `torch.no_grad()`
 def train(sae, store, batch_size: int = 2048, epochs: int = 1, lr: float | None = None,
           warmup_frac: float = 0.05, decay_frac: float = 0.2, seed: int = 0, grads: bool = False,
           init_b_dec: bool = True, progress: bool = True, desc: str | None = None,

@@ -188,3 +188,21 @@ def test_the_estimate_matches_the_measured_change_for_a_small_perturbation(model
     assert s["rho"] > 0.9 and s["sign_agree"] > 0.8 and s["n_windows"] == 2
     with pytest.raises(ValueError, match="rows"):
         ge.first_order_check(splicer, signed_identity_sae(576), g[:10], n_windows=1, progress=False)
+
+
+def test_beta_sweep_trains_what_the_cache_lacks(model, tmp_path, monkeypatch):
+    """From an empty cache (a clean clone): every setting is trained, evaluated in both modes, and
+    the reused k-sweep SAE is read from `table`, not retrained."""
+    monkeypatch.setenv("SAE_KIT_CACHE", str(tmp_path / "cache"))
+    store = sae_kit.harvest(model, "blocks.8.hook_resid_post", n_tokens=186, eval_tokens=62, ctx_len=64,
+                            with_grads=True, dtype="float32", path=tmp_path / "g", progress=False)
+    x, g = store.get("eval", grads=True)
+    reused = sweep_table()
+    t = ge.beta_sweep(reused, store, x, g, None, d_sae=64, k=16, batch_size=62, epochs=1,
+                      betas=(0.5, 1.0), normalisations=("token", "batch"))
+    assert len(t) == 4 * 2 and set(t["mode"]) == {"topk", "gradient"}
+    assert np.isfinite(t["fvu"]).all()
+    # token β=1 came from the table (its ΔCE is the table's), the rest were trained and have no ΔCE
+    from_table = t[(t.normalise == "token") & (t.beta == 1.0)]
+    assert from_table["delta_ce"].notna().all() and t.drop(from_table.index)["delta_ce"].isna().all()
+    assert len(list((tmp_path / "cache" / "saes").iterdir())) == 3

@@ -98,6 +98,19 @@ def test_training_lowers_fvu_keeps_decoder_unit_norm_and_tracks_dead(small_store
     assert all(0 <= d <= 1 for d in hist.dead)
 
 
+def test_training_called_inside_no_grad_still_trains(small_store):
+    """A caller under `torch.no_grad()` (an evaluation helper, a notebook cell) gets the same weights."""
+    def run(no_grad):
+        sae = topk_sae(576, 1152, 8, seed=3)
+        with torch.no_grad() if no_grad else torch.enable_grad():
+            hist = sae_kit.train(sae, small_store, batch_size=128, progress=False, seed=5, max_steps=4)
+        return hist.loss, sae.W_dec.detach().clone()
+
+    (l1, w1), (l2, w2) = run(False), run(True)
+    assert l1 == l2 and torch.equal(w1, w2)
+    assert not torch.equal(w1, topk_sae(576, 1152, 8, seed=3).W_dec)  # it did train
+
+
 def test_auxk_gives_dead_latents_gradient(rng):
     x = torch.randn(32, 16, generator=rng)
     sae = topk_sae(16, 64, 2, seed=0, k_aux=8, dead_tokens=1)
