@@ -21,7 +21,7 @@ from .claims import Claims, Verdict, beats_noise, noise_text
 from .config import bars_off, get_scale, scale_name
 from .metrics import coherence, reconstruction_metrics
 from .synthetic import Hierarchy, absorption, match
-from .sweeps import matched_l0_gap, seed_noise
+from .sweeps import extrapolated, extrapolated_text, matched_l0_gap, seed_noise
 from .train import History, TRAINING_REVISION, _batches, _check_store, config_without_stamps, train
 
 TOY = "MP ‖r‖<0.05"  # MP trained the authors' toy way (pursuit until ‖r‖ < 0.05): the recovery verdicts use it
@@ -114,12 +114,15 @@ def llm_row(sae, store, label: str, k: int, seed: int = 0, recipe: str = "kit", 
 
 def matched_table(llm: pd.DataFrame) -> pd.DataFrame:
     """Per k of MP (kit recipe, seed means): steps, distinct L0, MP's FVU, TopK's frontier
-    interpolated log-log at that L0 (`sweeps.matched_l0_gap`) and the ratio."""
+    interpolated log-log at that L0 (`sweeps.matched_l0_gap`), the ratio, and whether TopK's frontier
+    had to be extrapolated to reach that L0 (`sweeps.extrapolated`)."""
     kit = llm[llm.recipe == "kit"]
     mp = kit[kit.label == "MP"].groupby("k")[["l0", "fvu"]].mean()
     gaps = np.exp(matched_l0_gap(kit, "MP", "TopK"))
+    outside = extrapolated(kit, "MP", "TopK")
     return pd.DataFrame({"steps k": mp.index, "distinct L0": mp.l0.to_numpy(), "MP FVU": mp.fvu.to_numpy(),
-                         "TopK FVU at that L0": mp.fvu.to_numpy() / gaps, "MP / TopK": gaps}).set_index("steps k")
+                         "TopK FVU at that L0": mp.fvu.to_numpy() / gaps, "MP / TopK": gaps,
+                         "TopK extrapolated": [k in outside for k in mp.index]}).set_index("steps k")
 
 # ---- the authors' optimiser recipe -----------------------------------------------------------------
 @dataclass(frozen=True)
@@ -314,6 +317,7 @@ def _matched_l0(kit: pd.DataFrame) -> tuple[Verdict, str]:
     v = beats_noise(gaps, noise, "lower", what="MP / TopK FVU at matched distinct L0")
     n_seeds = kit.groupby(["label", "k"])["seed"].nunique().max()
     extra = f" (noise from {n_seeds} seeds at one k; other k one seed each)" if n_seeds > 1 else ""
+    extra += extrapolated_text(extrapolated(kit, "MP", "TopK"), "TopK")
     return Verdict(v.held, v.reason + extra), measured
 
 

@@ -127,6 +127,31 @@ def matched_l0_gap(table: pd.DataFrame, label: str, reference: str, key: str = "
     return gaps
 
 
+def extrapolated(table: pd.DataFrame, label: str, reference: str, mode: str | None = None,
+                 ref_mode: str | None = None) -> dict[int, float]:
+    """The k whose `label` point lies outside the reference's L0 range, so `matched_l0_gap` extrapolates
+    the reference there: {k: the point's L0 / the nearest end of the range} (below 1: under the
+    smallest reference L0; above 1: over the largest). Empty when every point is interpolated."""
+    ref = pick(table, reference, ref_mode).groupby("k")["l0"].mean()
+    lo, hi = float(ref.min()), float(ref.max())
+    out = {}
+    for k, l0 in pick(table, label, mode).groupby("k", sort=True)["l0"].mean().items():
+        if l0 < lo * (1 - 1e-9):
+            out[int(k)] = float(l0) / lo
+        elif l0 > hi * (1 + 1e-9):
+            out[int(k)] = float(l0) / hi
+    return out
+
+
+def extrapolated_text(outside: dict[int, float], reference: str) -> str:
+    """One clause for a verdict's reason: which points were judged against an extrapolated frontier."""
+    if not outside:
+        return ""
+    pts = ", ".join(f"k={k} (L0 ×{f:.2f} of the range's end)" for k, f in outside.items())
+    return (f"; {len(outside)} point(s) lie outside {reference}'s L0 range, so its frontier is extrapolated "
+            f"there: {pts}")
+
+
 def seed_spread(table: pd.DataFrame, label: str, k: int, key: str = "fvu", mode: str | None = None) -> tuple[float, float, int]:
     """(mean, sample standard deviation, count) of a metric over seeds at one k (sd is nan for one seed)."""
     vals = pick(table, label, mode, k=k)[key].to_numpy()
@@ -153,10 +178,13 @@ def decided_gap(table: pd.DataFrame, label: str, reference: str, key: str = "fvu
 
     Returns:
         (log gaps per k, `Verdict`, noise), noise from `seed_noise`; the verdict is not decided when
-        any gap is within the noise, or when there was only one seed.
+        any gap is within the noise, or when there was only one seed. The reason names any point
+        judged against an extrapolated frontier (`extrapolated`).
     """
-    from .claims import beats_noise
+    from .claims import Verdict, beats_noise
 
     gaps = matched_l0_gap(table, label, reference, key, mode, ref_mode)
     noise = seed_noise(table, [label, reference], key, [mode, ref_mode])
-    return gaps, beats_noise(gaps, noise, better, what=f"{label} / {reference} {key} at matched L0"), noise
+    v = beats_noise(gaps, noise, better, what=f"{label} / {reference} {key} at matched L0")
+    outside = extrapolated(table, label, reference, mode, ref_mode)
+    return gaps, Verdict(v.held, v.reason + extrapolated_text(outside, reference)), noise

@@ -25,6 +25,17 @@ def test_matched_l0_gap_interpolates_the_reference_frontier_in_log_log():
     assert sweeps.matched_l0_gap(T(ref, out), "out", "ref")[0] == pytest.approx(0.0, abs=1e-9)
 
 
+def test_points_outside_the_reference_range_are_flagged_in_the_verdict():
+    ref = rows("ref", [(8, 8.0, 0.4), (32, 32.0, 0.1)]) + rows("ref", [(32, 32.0, 0.101)], seed=1)
+    var = rows("var", [(4, 6.0, 0.2), (16, 16.0, 0.05), (64, 48.0, 0.02)]) + rows("var", [(16, 16.0, 0.051)], seed=1)
+    assert sweeps.extrapolated(T(ref, var), "var", "ref") == {4: pytest.approx(0.75), 64: pytest.approx(1.5)}
+    reason = sweeps.decided_gap(T(ref, var), "var", "ref")[1].reason
+    assert "2 point(s) lie outside ref's L0 range" in reason and "k=4 (L0 ×0.75" in reason and "k=64 (L0 ×1.50" in reason
+    inside = rows("var", [(16, 16.0, 0.05)]) + rows("var", [(16, 16.0, 0.051)], seed=1)
+    assert sweeps.extrapolated(T(ref, inside), "var", "ref") == {}
+    assert "outside" not in sweeps.decided_gap(T(ref, inside), "var", "ref")[1].reason
+
+
 def test_decided_gap_needs_seeds_and_a_gap_beyond_their_noise():
     ref = rows("ref", [(8, 8.0, 0.4), (32, 32.0, 0.1)])
     better = rows("var", [(8, 8.0, 0.2), (32, 32.0, 0.05)])
