@@ -22,7 +22,7 @@ from .config import bars_off, get_scale, scale_name
 from .metrics import coherence, reconstruction_metrics
 from .synthetic import Hierarchy, absorption, match
 from .sweeps import extrapolated, extrapolated_text, matched_l0_gap, seed_noise
-from .train import History, TRAINING_REVISION, _batches, _check_store, config_without_stamps, train
+from .train import History, TRAINING_REVISION, _batches, _check_store, cached_run, config_without_stamps, train
 
 TOY = "MP ‖r‖<0.05"  # MP trained the authors' toy way (pursuit until ‖r‖ < 0.05): the recovery verdicts use it
 FLAT = ("ReLU+L1", "TopK", "MC")  # the flat baselines of the synthetic benchmark
@@ -225,8 +225,6 @@ def train_recipe_cached(sae, store, recipe: Recipe, batch_size: int, epochs: int
         (sae, history).
     """
     from .config import cache_dir
-    from .fsutil import atomic_write_text
-    from .saes import load_sae
 
     if isinstance(store, torch.Tensor):
         return sae, train_recipe(sae, store, recipe, batch_size, epochs, seed, progress, desc)
@@ -235,12 +233,8 @@ def train_recipe_cached(sae, store, recipe: Recipe, batch_size: int, epochs: int
                 "train": {"batch_size": batch_size, "epochs": epochs, "seed": seed}}
     key = hashlib.sha256(json.dumps(desc_key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     path = cache_dir() / "saes" / f"{sae.label.replace(' ', '-').replace('=', '')}-{sae.cfg.d_sae}-{recipe.name}-{key}"
-    if (path / "history.json").exists():
-        return load_sae(path, device=sae.device), History(**json.loads((path / "history.json").read_text()))
-    hist = train_recipe(sae, store, recipe, batch_size, epochs, seed, progress, desc)
-    sae.save(path)
-    atomic_write_text(path / "history.json", json.dumps(hist.as_dict()))
-    return sae, hist
+    return cached_run(path, sae, lambda: train_recipe(sae, store, recipe, batch_size, epochs, seed, progress, desc),
+                      progress=False)
 
 
 # ---- the claims table --------------------------------------------------------------------------------

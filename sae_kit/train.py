@@ -400,8 +400,6 @@ def train_cached(sae, store, progress: bool = True, **train_kw):
         (sae, history): the trained (or loaded) SAE and its `History`.
     """
     from .config import cache_dir
-    from .fsutil import atomic_write_text
-    from .saes import load_sae
 
     if not isinstance(store, ActivationStore):  # a tensor of activations: nothing to key a cache on
         return sae, train(sae, store, progress=progress, **train_kw)
@@ -410,15 +408,43 @@ def train_cached(sae, store, progress: bool = True, **train_kw):
             "seed": getattr(sae, "init_seed", None), "train": training_arguments(train_kw)}
     key = hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:16]
     path = cache_dir() / "saes" / f"{sae.label.replace(' ', '-').replace('=', '')}-{sae.cfg.d_sae}-{key}"
-    if (path / "history.json").exists():
-        loaded = load_sae(path, device=sae.device)
-        hist = History(**json.loads((path / "history.json").read_text()))
-        if progress:
-            print(f"loaded cached {sae.label} d_sae={sae.cfg.d_sae} from {path.name}")
-        return loaded, hist
     ckpt = train_kw.setdefault("checkpoint", path.with_name(path.name + ".ckpt"))
-    hist = train(sae, store, progress=progress, keep_checkpoint=True, **train_kw)
-    sae.save(path)
-    atomic_write_text(path / "history.json", json.dumps(hist.as_dict()))
-    Path(ckpt).unlink(missing_ok=True)  # only now: a kill before this point resumes from it
+    return cached_run(path, sae, lambda: train(sae, store, progress=progress, keep_checkpoint=True, **train_kw),
+                      progress, done=lambda: Path(ckpt).unlink(missing_ok=True))  # a kill before it resumes
+
+
+def cached_run(path: Path, sae, fit, progress: bool = True, done=None):
+    """(sae, history) from the finished cache entry at `path`, or from ``fit()`` (which trains `sae`
+    in place and returns its `History`), then saved there.
+
+    One trainer per entry: a second process asking for the same entry (another notebook open at
+    once) waits for the first, then loads its result. `done` runs after the entry is complete.
+    """
+    from .fsutil import atomic_write_text, locked
+
+    cached = _load_cached(path, sae, progress)
+    if cached is not None:
+        return cached
+    with locked(path, f"the cached SAE {sae.label}"):
+        cached = _load_cached(path, sae, progress)
+        if cached is not None:
+            return cached
+        hist = fit()
+        sae.save(path)
+        atomic_write_text(path / "history.json", json.dumps(hist.as_dict()))
+        if done is not None:
+            done()
     return sae, hist
+
+
+def _load_cached(path: Path, sae, progress: bool):
+    """(sae, history) from a finished cache entry, or None."""
+    from .saes import load_sae
+
+    if not (path / "history.json").exists():
+        return None
+    loaded = load_sae(path, device=sae.device)
+    hist = History(**json.loads((path / "history.json").read_text()))
+    if progress:
+        print(f"loaded cached {sae.label} d_sae={sae.cfg.d_sae} from {path.name}")
+    return loaded, hist

@@ -182,3 +182,37 @@ def test_a_busy_store_names_the_run_holding_it(tmp_path):
         holder.wait()
     with locked(path, "the activation store", timeout=5):  # a killed holder leaves no stale lock
         pass
+
+
+TRAIN_CACHED = """
+    import sys, time, pathlib, torch, sae_kit
+    torch.set_num_threads(1)
+    store_path, sync, me = sys.argv[1], pathlib.Path(sys.argv[2]), sys.argv[3]
+    store = sae_kit.ActivationStore(store_path)
+    (sync / me).write_text("ready")  # start together: both reach train_cached within milliseconds
+    while len(list(sync.iterdir())) < 2:
+        time.sleep(0.02)
+    sae, hist = sae_kit.train_cached(sae_kit.topk_sae(store.d_in, 512, 8, seed=0), store, batch_size=64, epochs=4,
+                                     progress=False)
+    torch.save(sae.state_dict(), sync.parent / f"{me}.pt")
+"""
+
+
+def test_two_kernels_training_one_cached_sae_train_it_once(small_store, tmp_path):
+    """Two notebooks open at once asking for the same SAE: one trains, the other waits and loads it."""
+    (tmp_path / "sync").mkdir()
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", "SAE_KIT_CACHE": str(tmp_path / "cache")}
+    procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(TRAIN_CACHED), str(small_store.path),
+                               str(tmp_path / "sync"), who], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for who in "ab"]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err
+    waited = [err for _, err in outs if "waiting for the cached SAE topk k=8" in err]
+    assert len(waited) == 1, f"one kernel should have waited for the other: {[e for _, e in outs]}"
+    entries = [p for p in (tmp_path / "cache" / "saes").iterdir() if p.is_dir()]
+    assert len(entries) == 1 and (entries[0] / "history.json").exists()
+    assert not list((tmp_path / "cache" / "saes").glob("*.ckpt"))
+    a, b = torch.load(tmp_path / "a.pt"), torch.load(tmp_path / "b.pt")
+    for name, t in a.items():
+        assert torch.equal(b[name], t), name
