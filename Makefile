@@ -28,12 +28,20 @@ setup: $(VENV)/.done
 
 test: setup unit nbval
 
+# tests run in $(JOBS) worker processes of one torch thread each (pytest-xdist): on a small machine
+# that beats one process of $(JOBS) threads, whose small ci-sized matrices keep threads waiting.
+# JOBS=1 runs them in one process with the default threads.
+JOBS ?= 2
+XDIST = $(if $(filter-out 1,$(JOBS)),OMP_NUM_THREADS=1 ,)$(PY) -m pytest -q $(if $(filter-out 1,$(JOBS)),-n $(JOBS) --dist loadfile,) --durations=8
+
 unit: setup
-	$(PY) -m pytest -q tests
+	$(XDIST) tests
 
 nbval: setup
-	# no progress bars under nbval: their widget updates can flood the kernel's output channel
-	TQDM_DISABLE=1 SAE_KIT_SCALE=ci $(PY) -m pytest -q --nbval-lax --nbval-current-env notebooks/
+	# no progress bars under nbval: their widget updates can flood the kernel's output channel.
+	# One worker runs a whole notebook, in order; caches shared by two notebooks are locked, so a
+	# store or an SAE both need is built once.
+	TQDM_DISABLE=1 SAE_KIT_SCALE=ci $(XDIST) --nbval-lax --nbval-current-env notebooks/
 
 # the reference results (docs/results/lab/ is committed); ONLY= a notebook prefix, e.g. `make reproduce ONLY=01`
 reproduce: setup
