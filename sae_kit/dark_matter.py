@@ -25,7 +25,6 @@ downstream damage are KL shares (KL ≥ 0), where the paper uses CE "percent rec
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -321,21 +320,6 @@ def encoder_comparison(sae, x_fit: torch.Tensor, x_test: torch.Tensor, max_steps
 
 
 # ----------------------------------------------------------------------------------- downstream
-@torch.no_grad()
-def splice_windows(splicer: Splicer, replace) -> dict:
-    """Per-window CE and KL(clean ‖ spliced) of one replacement (None: the clean model), [n_windows]
-    each. `Splicer` reports only means; this reads its cached residuals the same way, so the mean
-    over windows equals ``splicer(replace=replace)`` (every window scores the same number of tokens)."""
-    ce, kl = [], []
-    for b, i in enumerate(range(0, len(splicer.windows), splicer.batch_seqs)):
-        lp = splicer._run(splicer.resid[b], replace)
-        lp_clean = splicer.logp_clean[b].float()
-        t = splicer.targets[i:i + splicer.batch_seqs].to(lp.device)
-        ce.append(-lp.gather(-1, t[..., None])[..., 0].double().mean(1))
-        kl.append((lp_clean.exp() * (lp_clean - lp)).sum(-1).double().mean(1))
-    return {"ce": torch.cat(ce).cpu().numpy(), "kl": torch.cat(kl).cpu().numpy()}
-
-
 def ratio_ci(num, den, n_boot: int = 5000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
     """(ratio, low, high): mean(num) / mean(den) with a percentile bootstrap over paired samples
     (windows), the same resampling as `claims.bootstrap_ci`. Fewer than two samples: (ratio, -inf, inf)."""
@@ -378,10 +362,10 @@ def splice_parts(splicer: Splicer, sae, fit: dict, n_boot: int = 5000) -> dict:
     e_hat = lambda flat: predict(flat.cpu(), W).to(flat.device)
     fns = {"x̂": recon, "x̂ + ê": lambda f: recon(f) + e_hat(f), "x − ê": lambda f: f - e_hat(f),
            "x − ē": lambda f: f - e_mean.to(f.device), "(1 − ε)x": lambda f: (1 - eps) * f}
-    clean = splice_windows(splicer, None)["ce"]
+    clean = splicer.per_window(None)["ce"]
     out = {"eps": eps}
     for name, f in fns.items():
-        w = splice_windows(splicer, using(f))
+        w = splicer.per_window(using(f))
         dce = w["ce"] - clean
         out[name] = {"dce": dce, "kl": w["kl"], "dce_ci": bootstrap_ci(dce, n_boot), "kl_ci": bootstrap_ci(w["kl"], n_boot)}
     out["kl_share_nonlinear_left"] = ratio_ci(out["x̂ + ê"]["kl"], out["x̂"]["kl"], n_boot)

@@ -118,6 +118,20 @@ class Splicer:
                 "ce_recovered": (z - s) / (z - c) if z != c else float("nan"),
                 "ce_recovered_mean": (m - s) / (m - c) if m != c else float("nan"), "kl": kl / n}
 
+    @torch.no_grad()
+    def per_window(self, replace=None) -> dict:
+        """Per-window CE and KL(clean ‖ spliced), [n_windows] each, of a `replace` function
+        (None: the clean model). The mean over windows equals the number ``__call__`` gives (every
+        window scores the same positions); per-window numbers are what a bootstrap over windows needs."""
+        ce, kl = [], []
+        for b, i in enumerate(self._chunks("splice CE per window")):
+            lp = self._run(self.resid[b], replace)
+            lp_clean = self.logp_clean[b].float()
+            t = self.targets[i:i + self.batch_seqs].to(lp.device)
+            ce.append(-lp.gather(-1, t[..., None])[..., 0].double().mean(1))
+            kl.append((lp_clean.exp() * (lp_clean - lp)).sum(-1).double().mean(1))
+        return {"ce": torch.cat(ce).cpu().numpy(), "kl": torch.cat(kl).cpu().numpy()}
+
 
 def delta_ce_from_logp(logp_clean: torch.Tensor, logp_spliced: torch.Tensor, tokens: torch.Tensor,
                        skip_first: int = 1, skip_last: int = 1) -> float:

@@ -232,10 +232,10 @@ def splicer(model, small_store):
     return sae_kit.Splicer(model, small_store, n_seqs=3, batch_seqs=2, progress=False)  # two batches: 2 + 1
 
 
-def test_splice_windows_average_to_the_splicers_means(splicer):
+def test_per_window_scores_average_to_the_splicers_means(splicer):
     shrink = lambda a: 0.9 * a
-    per = dm.splice_windows(splicer, shrink)
-    clean = dm.splice_windows(splicer, None)
+    per = splicer.per_window(shrink)
+    clean = splicer.per_window(None)
     agg = splicer(replace=shrink)
     assert len(per["ce"]) == 3
     assert (per["ce"] - clean["ce"]).mean() == pytest.approx(agg["delta_ce"], abs=1e-5)
