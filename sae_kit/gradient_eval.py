@@ -318,6 +318,10 @@ def _dead(c: Claims, table, label, reference, mode, figure):
                 sds.append(float(v.std(ddof=1)))
     noise = share_noise(sds)
     verdict = beats_noise(diffs, noise, "lower", what="dead share g-SAE − TopK")
+    moot = [k for k in ks if np.isfinite(noise) and max(g_dead[k], t_dead[k]) <= noise]
+    if moot and verdict.held is None:  # say why the points within noise cannot count either way
+        verdict = Verdict(None, verdict.reason + f"; at k = {', '.join(map(str, moot))} neither has dead latents "
+                                                 f"beyond the noise, so those points cannot decide the claim")
     c.add(f"g-SAE has fewer dead latents ({MODE_NAMES[mode]})", "fewer dead latents than TopK",
           "dead share (never active on the eval tokens) g-SAE vs TopK: "
           + ", ".join(f"k={k}: {100 * g_dead[k]:.2f}% vs {100 * t_dead[k]:.2f}%" for k in ks)

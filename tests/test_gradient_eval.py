@@ -206,3 +206,12 @@ def test_beta_sweep_trains_what_the_cache_lacks(model, tmp_path, monkeypatch):
     from_table = t[(t.normalise == "token") & (t.beta == 1.0)]
     assert from_table["delta_ce"].notna().all() and t.drop(from_table.index)["delta_ce"].isna().all()
     assert len([p for p in (tmp_path / "cache" / "saes").iterdir() if p.is_dir()]) == 3
+
+
+def test_dead_points_where_neither_has_dead_latents_are_named_as_moot():
+    t = sweep_table(ratio=0.8, dead=(0.01, 0.2), noise=0.01)  # g-SAE far fewer dead at k = 8, 16 ...
+    t.loc[t.k == 32, "dead"] = 0.0  # ... and at k = 32 neither has any
+    r = row(ge.claims(t, scale="ci"), "g-SAE has fewer dead")
+    assert r.held is None and "at k = 32 neither has dead latents" in r.note
+    r = row(ge.claims(sweep_table(ratio=0.8, dead=(0.01, 0.2)), scale="ci"), "g-SAE has fewer dead")
+    assert r.held is True and "neither" not in r.note
