@@ -215,3 +215,13 @@ def test_dead_points_where_neither_has_dead_latents_are_named_as_moot():
     assert r.held is None and "at k = 32 neither has dead latents" in r.note
     r = row(ge.claims(sweep_table(ratio=0.8, dead=(0.01, 0.2)), scale="ci"), "g-SAE has fewer dead")
     assert r.held is True and "neither" not in r.note
+
+
+def test_the_delta_ce_row_reports_the_same_rule_on_kl():
+    t = sweep_table(ratio=0.8, noise=0.3)  # ΔCE: a 20% gap inside ±60% seed noise
+    wiggle = np.where(t.seed % 2 == 1, 1.01, 0.99)
+    t["kl"] = np.where(t.label == G, 0.8, 1.0) / t.k * np.where(t.k == 16, wiggle, 1.0)  # KL: ±2% noise
+    r = row(ge.claims(t, scale="ci"), "g-SAE is more faithful")
+    assert r.held is None  # judged on ΔCE, the paper's metric
+    assert "KL ratio: 0.800, 0.800, 0.800" in r.measured and "gives verdict 'held'" in r.note
+    assert "gives" not in row(ge.claims(sweep_table(ratio=0.8), scale="ci"), "g-SAE is more faithful").note  # no KL column
