@@ -68,11 +68,11 @@ def gradient_factor(g: torch.Tensor, W_dec: torch.Tensor, normalise: str = "toke
     ``"raw"`` leaves it as it is."""
     if normalise not in NORMALISATIONS:
         raise ValueError(f"normalise must be one of {', '.join(map(repr, NORMALISATIONS))}, got {normalise!r}")
-    a = (g.to(W_dec.dtype) @ W_dec.t()).abs()
+    a = (g.to(W_dec.dtype) @ W_dec.t()).abs_()  # in place from here: B × n temporaries are the cost
     if normalise == "token":
-        return a / a.mean(1, keepdim=True).clamp_min(1e-12)
+        return a.div_(a.mean(1, keepdim=True).clamp_min(1e-12))
     if normalise == "batch":
-        return a / a.mean().clamp_min(1e-12)
+        return a.div_(a.mean().clamp_min(1e-12))
     return a
 
 
@@ -113,8 +113,8 @@ class GradientSAE(TopKSAE):
     @torch.no_grad()
     def selection_score(self, pre: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """z + β·z·a with a = `gradient_factor` (|d_i · g|, scaled as ``cfg.normalise`` says)."""
-        z = pre.clamp_min(0)
-        return z * (1 + self.cfg.beta * self.gradient_factor(g).to(pre.dtype))
+        a = self.gradient_factor(g).to(pre.dtype)  # a fresh tensor: updated in place, same arithmetic
+        return a.mul_(self.cfg.beta).add_(1).mul_(pre.clamp_min(0))
 
 
 def gradient_sae(d_in: int, d_sae: int, k: int, beta: float = 1.0, seed: int = 0, device=None,
