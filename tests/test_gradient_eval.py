@@ -105,6 +105,7 @@ def test_beta_sweep_claim_takes_the_best_setting_against_topk_at_that_k():
     assert row(worse, "some β / normalisation").held is False
     close = ge.claims(table, beta_table({("token", 0.1): 1.1, ("batch", 0.2): 1.005}), scale="ci")
     assert row(close, "some β / normalisation").held is None
+    assert "1 of 2 settings are within it (not all worse)" in row(close, "some β / normalisation").note
     modes = [r.claim for r in close.items if r.claim.startswith("some β")]
     assert "TopK mode" in modes[0] and "gradient mode" in modes[1]
 
@@ -225,3 +226,12 @@ def test_the_delta_ce_row_reports_the_same_rule_on_kl():
     assert r.held is None  # judged on ΔCE, the paper's metric
     assert "KL ratio: 0.800, 0.800, 0.800" in r.measured and "gives verdict 'held'" in r.note
     assert "gives" not in row(ge.claims(sweep_table(ratio=0.8), scale="ci"), "g-SAE is more faithful").note  # no KL column
+
+
+def test_beta_sweep_row_reports_kl_beside_delta_ce():
+    table = sweep_table(ratio=1.2, noise=0.01)
+    table["kl"] = 2 * table["delta_ce"]
+    bt = beta_table({("token", 0.1): 1.1, ("batch", 0.2): 0.95})
+    bt["kl"] = 2 * bt["delta_ce"]
+    r = row(ge.claims(table, bt, scale="ci"), "some β / normalisation")
+    assert "KL ratio: token β=0.1: 1.100, batch β=0.2: 0.950" in r.measured and "best batch β=0.2" in r.measured
