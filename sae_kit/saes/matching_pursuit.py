@@ -140,6 +140,7 @@ class MatchingPursuitSAE(SAE):
         idx = torch.empty(B, steps, dtype=torch.long, device=c.device)
         vals = torch.zeros(B, steps, dtype=c.dtype, device=c.device)
         active = torch.ones(B, dtype=torch.bool, device=c.device)
+        rows = torch.empty_like(c)  # G's rows for the chosen atoms, gathered into one buffer every step
         for t in range(steps):
             cm = c
             if dropout > 0:
@@ -148,7 +149,8 @@ class MatchingPursuitSAE(SAE):
             v, j = cm.max(1)
             v = v.clamp_min(0) * active
             idx[:, t], vals[:, t] = j, v
-            c.addcmul_(G[j], v[:, None], value=-1)  # c −= a·G[j], without a B×d_sae temporary
+            torch.index_select(G, 0, j, out=rows)
+            c.addcmul_(rows, v[:, None], value=-1)  # c −= a·G[j], with no fresh B×d_sae tensor per step
             if threshold > 0:
                 norm2 = norm2 - v * v
                 active &= norm2.clamp_min(0).sqrt() >= threshold
