@@ -261,6 +261,11 @@ def _to_tensor(a: np.ndarray, device, what: str = "store data") -> torch.Tensor:
     return t.to(device) if device is not None else t
 
 
+# a harvest saves a resume point (flushed rows, then progress.json) at most this often: a kill loses
+# at most this much work, and the forward passes are not held up by a flush after every batch
+CHECKPOINT_SECONDS = 2.0
+
+
 def _atomic_json(path: Path, obj: dict) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1))
 
@@ -413,7 +418,7 @@ def _harvest_locked(model, spec: StoreSpec, final: Path, part: Path, layer: int,
     sl = slice(SKIP_FIRST, ctx_len - SKIP_LAST)
     bar = tqdm(total=spec.n_tokens, initial=done * per_window, unit="tok", disable=bars_off(progress),
                desc=f"harvest {hook}" + (" +grads" if with_grads else ""))
-    t0 = time.time()
+    t0 = saved_at = time.time()
     for w0 in range(done, n_windows, batch_windows):
         toks = windows[w0:w0 + batch_windows].to(model.cfg.device)
         a, g = _forward(model, toks, hook, layer, with_grads)
@@ -425,13 +430,17 @@ def _harvest_locked(model, spec: StoreSpec, final: Path, part: Path, layer: int,
         acts[t_sl] = a.float().cpu().numpy().astype(dtype)
         if with_grads:
             grads[t_sl] = g[:, sl].reshape(-1, spec.d_in).float().cpu().numpy().astype(dtype)
-        acts.flush()
-        if with_grads:
-            grads.flush()
-        _atomic_json(part / "progress.json", {"spec": asdict(spec), "windows_done": w0 + len(toks)})
+        stop = _stop_after is not None and w0 + len(toks) >= _stop_after
+        if stop or w0 + len(toks) >= n_windows or time.time() - saved_at >= CHECKPOINT_SECONDS:
+            # a resume point: the rows written so far reach the disk, then the count that vouches for them
+            acts.flush()
+            if with_grads:
+                grads.flush()
+            _atomic_json(part / "progress.json", {"spec": asdict(spec), "windows_done": w0 + len(toks)})
+            saved_at = time.time()
         bar.update(len(toks) * per_window)
         bar.set_postfix(tok_s=f"{(w0 + len(toks) - done) * ctx_len / (time.time() - t0):.0f}")
-        if _stop_after is not None and w0 + len(toks) >= _stop_after:  # tests: simulate an interrupt
+        if stop:  # tests: simulate an interrupt
             bar.close()
             raise KeyboardInterrupt("harvest stopped by _stop_after")
     bar.close()
