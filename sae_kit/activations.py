@@ -261,9 +261,18 @@ def _to_tensor(a: np.ndarray, device, what: str = "store data") -> torch.Tensor:
     return t.to(device) if device is not None else t
 
 
-# a harvest saves a resume point (flushed rows, then progress.json) at most this often: a kill loses
-# at most this much work, and the forward passes are not held up by a flush after every batch
+# a harvest saves a resume point (flushed rows, then progress.json) about this often, and when it
+# is interrupted (a stopped cell): a killed process loses at most this much work plus one batch, and
+# the forward passes are not held up by a flush after every batch
 CHECKPOINT_SECONDS = 2.0
+
+
+def _save_point(part: Path, spec, acts, grads, windows_done: int) -> None:
+    """A harvest's resume point: the rows written so far reach the disk, then the count that vouches for them."""
+    acts.flush()
+    if grads is not None:
+        grads.flush()
+    _atomic_json(part / "progress.json", {"spec": asdict(spec), "windows_done": windows_done})
 
 
 def _atomic_json(path: Path, obj: dict) -> None:
@@ -418,35 +427,37 @@ def _harvest_locked(model, spec: StoreSpec, final: Path, part: Path, layer: int,
     sl = slice(SKIP_FIRST, ctx_len - SKIP_LAST)
     bar = tqdm(total=spec.n_tokens, initial=done * per_window, unit="tok", disable=bars_off(progress),
                desc=f"harvest {hook}" + (" +grads" if with_grads else ""))
-    t0 = saved_at = time.time()
-    for w0 in range(done, n_windows, batch_windows):
-        toks = windows[w0:w0 + batch_windows].to(model.cfg.device)
-        a, g = _forward(model, toks, hook, layer, with_grads)
-        a = a[:, sl].reshape(-1, spec.d_in)
-        if not torch.isfinite(a).all():
-            raise FloatingPointError(f"NaN/Inf in activations at {hook} for windows {w0}-{w0 + len(toks) - 1}; "
-                                     f"the model's weights or dtype ({model.cfg.dtype}) are broken")
-        t_sl = slice(w0 * per_window, (w0 + len(toks)) * per_window)
-        acts[t_sl] = a.float().cpu().numpy().astype(dtype)
-        if with_grads:
-            grads[t_sl] = g[:, sl].reshape(-1, spec.d_in).float().cpu().numpy().astype(dtype)
-        stop = _stop_after is not None and w0 + len(toks) >= _stop_after
-        if stop or w0 + len(toks) >= n_windows or time.time() - saved_at >= CHECKPOINT_SECONDS:
-            # a resume point: the rows written so far reach the disk, then the count that vouches for them
-            acts.flush()
+    t0 = saved_at = time.monotonic()
+    written = done  # windows whose rows (activations and gradients) are in the arrays
+    try:
+        for w0 in range(done, n_windows, batch_windows):
+            toks = windows[w0:w0 + batch_windows].to(model.cfg.device)
+            a, g = _forward(model, toks, hook, layer, with_grads)
+            a = a[:, sl].reshape(-1, spec.d_in)
+            if not torch.isfinite(a).all():
+                raise FloatingPointError(f"NaN/Inf in activations at {hook} for windows {w0}-{w0 + len(toks) - 1}; "
+                                         f"the model's weights or dtype ({model.cfg.dtype}) are broken")
+            t_sl = slice(w0 * per_window, (w0 + len(toks)) * per_window)
+            acts[t_sl] = a.float().cpu().numpy().astype(dtype)
             if with_grads:
-                grads.flush()
-            _atomic_json(part / "progress.json", {"spec": asdict(spec), "windows_done": w0 + len(toks)})
-            saved_at = time.time()
-        bar.update(len(toks) * per_window)
-        bar.set_postfix(tok_s=f"{(w0 + len(toks) - done) * ctx_len / (time.time() - t0):.0f}")
-        if stop:  # tests: simulate an interrupt
-            bar.close()
-            raise KeyboardInterrupt("harvest stopped by _stop_after")
+                grads[t_sl] = g[:, sl].reshape(-1, spec.d_in).float().cpu().numpy().astype(dtype)
+            written = w0 + len(toks)
+            stop = _stop_after is not None and written >= _stop_after
+            if stop or written >= n_windows or time.monotonic() - saved_at >= CHECKPOINT_SECONDS:
+                _save_point(part, spec, acts, grads, written)
+                saved_at = time.monotonic()
+            bar.update(len(toks) * per_window)
+            bar.set_postfix(tok_s=f"{(written - done) * ctx_len / (time.monotonic() - t0):.0f}")
+            if stop:  # tests: simulate an interrupt
+                raise KeyboardInterrupt("harvest stopped by _stop_after")
+    except KeyboardInterrupt:  # a stopped cell: keep every whole batch written so far
+        _save_point(part, spec, acts, grads, written)
+        bar.close()
+        raise
     bar.close()
     del acts, grads
     _atomic_json(part / "meta.json", {"spec": asdict(spec), "eval_windows": eval_windows,
-                                      "seconds": round(time.time() - t0, 1)})
+                                      "seconds": round(time.monotonic() - t0, 1)})
     (part / "progress.json").unlink()
     if final.exists():  # an empty folder, or a damaged store being repaired (checked above)
         shutil.rmtree(final)

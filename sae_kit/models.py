@@ -161,11 +161,19 @@ def _gguf_to_tl(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 def _smollm2_cache(path: Path) -> Path:
     """Convert once, keep weights, config and tokenizer under the cache dir; return that folder."""
-    from safetensors.torch import load_file, save_file  # noqa: F401
-
     out = cache_dir() / "models" / f"smollm2-135m-q4_1-v{_CONVERSION_VERSION}-{path.stat().st_size}"
     if (out / "done").exists():
         return out
+    from .fsutil import locked
+
+    with locked(out, "the converted model"):  # a second process (a parallel test worker) waits, then reuses it
+        if not (out / "done").exists():
+            _convert_smollm2(path, out)
+    return out
+
+
+def _convert_smollm2(path: Path, out: Path) -> None:
+    from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
@@ -176,11 +184,9 @@ def _smollm2_cache(path: Path) -> Path:
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     tok.save_pretrained(str(tmp / "tokenizer"))
     (tmp / "done").write_text("ok\n")
-    if out.exists():  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        tmp.rename(out)
-    return out
+    if out.exists():  # a conversion killed before its "done" marker: the kit's own folder
+        shutil.rmtree(out)
+    tmp.rename(out)
 
 
 def load_model(name: str = DEFAULT_MODEL, device: str | torch.device | None = None,
