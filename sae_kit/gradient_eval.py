@@ -296,18 +296,28 @@ def _ks(table: pd.DataFrame, label: str, mode: str | None) -> list:
     return sorted(pick(table, label, mode)["k"].unique().tolist())
 
 
+def _has_kl(table: pd.DataFrame, label: str, mode: str | None, reference: str) -> bool:
+    """Whether both dictionaries' rows carry a finite KL (a splicer ran on them)."""
+    if "kl" not in table:
+        return False
+    rows = pd.concat([pick(table, label, mode), pick(table, reference)])
+    return bool(np.isfinite(rows["kl"].to_numpy(dtype=float)).all())
+
+
 def _faithful(c: Claims, table, label, reference, mode, figure):
     gaps, verdict, noise = decided_gap(table, label, reference, key="delta_ce", mode=mode)
     ks = ", ".join(map(str, _ks(table, label, mode)))
     measured = f"ΔCE ratio g-SAE / TopK at matched L0: {_ratios(gaps)} (k = {ks}); {noise_text(noise)}"
-    if "kl" in table and table["kl"].notna().all():
+    if _has_kl(table, label, mode, reference):
         # KL(clean ‖ spliced) is never negative token by token, so its mean is far less noisy than ΔCE's
         # (a difference of two CEs): the same comparison on it says whether ΔCE's noise hides a gap
-        k_gaps, k_verdict, k_noise = decided_gap(table, label, reference, key="kl", mode=mode)
+        k_gaps = matched_l0_gap(table, label, reference, key="kl", mode=mode)
+        k_noise = seed_noise(table, [label, reference], "kl", [mode, None])
+        k_verdict = beats_noise(k_gaps, k_noise, "lower", what=f"{label} / {reference} kl at matched L0")
         measured += f"; KL ratio: {_ratios(k_gaps)} (KL {noise_text(k_noise)})"
         same = "the same verdict" if k_verdict.held == verdict.held else f"verdict '{Claims._word(k_verdict.held)}'"
         verdict = Verdict(verdict.held, f"{verdict.reason}; the same rule on KL(clean ‖ spliced) gives {same} "
-                                        f"({k_verdict.reason.split(';')[0]})")
+                                        f"({k_verdict.reason})")
     c.add(f"g-SAE is more faithful downstream at equal L0 ({MODE_NAMES[mode]})", "lower ΔCE than TopK at equal L0",
           measured, verdict,
           rule="held: the g-SAE's ΔCE is below TopK's frontier (interpolated at the g-SAE's L0) at every k by more "
@@ -327,7 +337,9 @@ def _dead(c: Claims, table, label, reference, mode, figure):
                 sds.append(float(v.std(ddof=1)))
     noise = share_noise(sds)
     verdict = beats_noise(diffs, noise, "lower", what="dead share g-SAE − TopK")
-    moot = [k for k in ks if np.isfinite(noise) and max(g_dead[k], t_dead[k]) <= noise]
+    verdict = Verdict(verdict.held, verdict.reason.replace("%)", " points)"))  # shares differ in points, not %
+    moot = [k for k in ks if np.isfinite(noise) and np.isfinite([g_dead[k], t_dead[k]]).all()
+            and max(g_dead[k], t_dead[k]) <= noise]
     if moot and verdict.held is None:  # say why the points within noise cannot count either way
         verdict = Verdict(None, verdict.reason + f"; at k = {', '.join(map(str, moot))} neither has dead latents "
                                                  f"beyond the noise, so those points cannot decide the claim")
@@ -396,7 +408,7 @@ def _beta_sweep(c: Claims, beta_table, table, label, reference, mode, figure):
     ref = float(pick(table, reference, k=k)["delta_ce"].mean())
     gaps = np.log(t["delta_ce"].to_numpy() / ref)
     noise = seed_noise(table, [label, reference], "delta_ce", [mode, None])
-    best = int(np.argmin(gaps))
+    best = int(np.nanargmin(gaps)) if np.isfinite(gaps).any() else 0
     name = lambda r: f"{r['normalise']} β={r['beta']:g}"
     settings = ", ".join(f"{name(r)}: {np.exp(gap):.3f}" for gap, (_, r) in zip(gaps, t.iterrows()))
     if not np.isfinite(noise):
@@ -410,15 +422,16 @@ def _beta_sweep(c: Claims, beta_table, table, label, reference, mode, figure):
     else:
         within = int((np.abs(gaps) <= noise).sum())
         verdict = Verdict(None, f"the best setting ({name(t.iloc[best])}) is within seed noise (±{100 * noise:.1f}%) "
-                                f"of TopK, and {within} of {len(gaps)} settings are within it (not all worse)")
+                                f"of TopK, and {within} of {len(gaps)} settings lie within the noise, so not every "
+                                f"setting is worse")
     measured = f"ΔCE ratio g-SAE / TopK at k = {k}: {settings}; {noise_text(noise)}"
-    if "kl" in t and t["kl"].notna().all() and "kl" in table:
+    if "kl" in t and np.isfinite(t["kl"].to_numpy(dtype=float)).all() and _has_kl(table, label, mode, reference):
         # the lower-noise KL beside ΔCE, as in the k sweep's row
         k_ref = float(pick(table, reference, k=k)["kl"].mean())
-        k_gaps = np.log(t["kl"].to_numpy() / k_ref)
+        k_gaps = np.log(t["kl"].to_numpy(dtype=float) / k_ref)
         k_noise = seed_noise(table, [label, reference], "kl", [mode, None])
         kb = int(np.argmin(k_gaps))
-        measured += (f"; KL ratio: " + ", ".join(f"{name(r)}: {np.exp(gap):.3f}" for gap, (_, r) in zip(k_gaps, t.iterrows()))
+        measured += ("; KL ratio: " + ", ".join(f"{name(r)}: {np.exp(gap):.3f}" for gap, (_, r) in zip(k_gaps, t.iterrows()))
                      + f" (KL {noise_text(k_noise)}; best {name(t.iloc[kb])})")
     c.add(f"some β / normalisation makes the g-SAE beat TopK downstream at k = {k} ({MODE_NAMES[mode]})",
           "g-SAE improves downstream CE (for a suitable β: the paper's β and scaling are not public)",

@@ -148,7 +148,7 @@ def extrapolated_text(outside: dict[int, float], reference: str) -> str:
     """One clause for a verdict's reason: which points were judged against an extrapolated frontier."""
     if not outside:
         return ""
-    pts = ", ".join(f"k={k} (L0 ×{f:.2f} of the range's end)" for k, f in outside.items())
+    pts = ", ".join(f"k={k} (L0 {f:.2f}× {reference}'s {'lowest' if f < 1 else 'highest'})" for k, f in outside.items())
     return (f"; {len(outside)} point(s) lie outside {reference}'s L0 range, so its frontier is extrapolated "
             f"there: {pts}")
 

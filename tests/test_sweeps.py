@@ -30,7 +30,7 @@ def test_points_outside_the_reference_range_are_flagged_in_the_verdict():
     var = rows("var", [(4, 6.0, 0.2), (16, 16.0, 0.05), (64, 48.0, 0.02)]) + rows("var", [(16, 16.0, 0.051)], seed=1)
     assert sweeps.extrapolated(T(ref, var), "var", "ref") == {4: pytest.approx(0.75), 64: pytest.approx(1.5)}
     reason = sweeps.decided_gap(T(ref, var), "var", "ref")[1].reason
-    assert "2 point(s) lie outside ref's L0 range" in reason and "k=4 (L0 ×0.75" in reason and "k=64 (L0 ×1.50" in reason
+    assert "2 point(s) lie outside ref's L0 range" in reason and "k=4 (L0 0.75× ref's lowest)" in reason and "k=64 (L0 1.50× ref's highest)" in reason
     assert sweeps.extrapolated(T(ref, rows("var", [(8, 7.99, 0.3)])), "var", "ref") == {}  # a hair outside
     inside = rows("var", [(16, 16.0, 0.05)]) + rows("var", [(16, 16.0, 0.051)], seed=1)
     assert sweeps.extrapolated(T(ref, inside), "var", "ref") == {}
