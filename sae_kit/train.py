@@ -409,8 +409,15 @@ def train_cached(sae, store, progress: bool = True, **train_kw):
     key = hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:16]
     path = cache_dir() / "saes" / f"{sae.label.replace(' ', '-').replace('=', '')}-{sae.cfg.d_sae}-{key}"
     ckpt = train_kw.setdefault("checkpoint", path.with_name(path.name + ".ckpt"))
-    return cached_run(path, sae, lambda: train(sae, store, progress=progress, keep_checkpoint=True, **train_kw),
-                      progress, done=lambda: Path(ckpt).unlink(missing_ok=True))  # a kill before it resumes
+
+    def tidy():  # only once the entry is complete: a kill before this point resumes from the checkpoint
+        if ckpt is not None:
+            Path(ckpt).unlink(missing_ok=True)
+
+    out = cached_run(path, sae, lambda: train(sae, store, progress=progress, keep_checkpoint=True, **train_kw),
+                     progress, done=tidy)
+    tidy()  # also a checkpoint left by a run killed between completing the entry and removing it
+    return out
 
 
 def cached_run(path: Path, sae, fit, progress: bool = True, done=None):
