@@ -408,7 +408,8 @@ def train_cached(sae, store, progress: bool = True, **train_kw):
             "seed": getattr(sae, "init_seed", None), "train": training_arguments(train_kw)}
     key = hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:16]
     path = cache_dir() / "saes" / f"{sae.label.replace(' ', '-').replace('=', '')}-{sae.cfg.d_sae}-{key}"
-    ckpt = train_kw.setdefault("checkpoint", path.with_name(path.name + ".ckpt"))
+    own = path.with_name(path.name + ".ckpt")  # the cache's own checkpoint, beside the entry
+    ckpt = train_kw.setdefault("checkpoint", own)
 
     def tidy():  # only once the entry is complete: a kill before this point resumes from the checkpoint
         if ckpt is not None:
@@ -416,7 +417,7 @@ def train_cached(sae, store, progress: bool = True, **train_kw):
 
     out = cached_run(path, sae, lambda: train(sae, store, progress=progress, keep_checkpoint=True, **train_kw),
                      progress, done=tidy)
-    tidy()  # also a checkpoint left by a run killed between completing the entry and removing it
+    own.unlink(missing_ok=True)  # one left by a run killed between completing the entry and removing it
     return out
 
 
