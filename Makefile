@@ -28,9 +28,9 @@ setup: $(VENV)/.done
 
 test: setup unit nbval
 
-# tests run in $(JOBS) worker processes of one torch thread each (pytest-xdist): on a small machine
-# that beats one process of $(JOBS) threads, whose small ci-sized matrices keep threads waiting.
-# JOBS=1 runs them in one process with the default threads.
+# tests run in $(JOBS) worker processes of one torch thread each (pytest-xdist), so the serial parts
+# (kernel start-up, the model's small ci-sized products, plotting) of one test file overlap with the
+# work of another. JOBS=1 runs them in one process with the default threads.
 JOBS ?= 2
 XDIST = $(if $(filter-out 1,$(JOBS)),OMP_NUM_THREADS=1 ,)$(PY) -m pytest -q $(if $(filter-out 1,$(JOBS)),-n $(JOBS) --dist loadfile,) --durations=8
 
