@@ -83,10 +83,12 @@ def test_normalisation_is_saved_with_the_config_and_checked(tmp_path):
 
 
 def test_only_the_scale_free_normalisations_can_fold_an_input_scale():
-    g = torch.randn(5, 8)
+    g = torch.randn(5, 8, generator=torch.Generator().manual_seed(0))
     for norm in ("token", "batch", "raw"):
         sae = gradient_sae(8, 32, 4, normalise=norm)
-        same = torch.allclose(sae.gradient_factor(g / 7.0), sae.gradient_factor(g))  # training on 7·x sees g / 7
+        # training on 7·x sees g / 7; a ≈ 1 on average, and float32 rounding in |d_i·g| near
+        # cancellation leaves ~1e-6 absolute differences, so compare at that scale
+        same = torch.allclose(sae.gradient_factor(g / 7.0), sae.gradient_factor(g), rtol=1e-5, atol=1e-5)
         assert same == sae.folds_input_scale == (norm != "raw")
 
 
