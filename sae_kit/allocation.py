@@ -15,7 +15,7 @@ from .config import Scale, scale_name
 from .metrics import feature_density, forward_batched, reconstruction_metrics
 from .saes import choice_sae, fit_zipf, topk_sae, zipf_probs
 from .splice import Splicer
-from .sweeps import Variant, decided_gap, each_mode, pick, seed_spread
+from .sweeps import Variant, decided_gap, each_mode, pick, second_opinion, seed_spread
 
 # seeds at every k: a claim must beat seed noise at each k, not only at one
 _SEEDS = {"ci": (0,), "lab": (0, 1, 2), "paper": (0, 1, 2)}
@@ -168,8 +168,7 @@ def _ratios(gaps) -> str:
 def _frontier_claim(claims: Claims, table: pd.DataFrame, label: str, reference: str, ks, note: str = "", extra: str = ""):
     """'label ≤ reference FVU at matched L0', judged on FVU beyond seed noise; per-token nMSE alongside."""
     gaps, verdict, noise = decided_gap(table, label, reference, key="fvu")
-    n_gaps, n_verdict, _ = decided_gap(table, label, reference, key="nmse")
-    same = "the same verdict" if n_verdict.held == verdict.held else f"verdict '{Claims._word(n_verdict.held)}'"
+    n_gaps, _, _, same = second_opinion(table, label, reference, "nmse", verdict)
     if np.sign(np.mean(gaps)) != np.sign(np.mean(n_gaps)):  # the high-norm tokens decide the FVU's direction
         same += (f", and the two point opposite ways (on average {label} is "
                  f"{'better' if np.mean(gaps) < 0 else 'worse'} on FVU, {'better' if np.mean(n_gaps) < 0 else 'worse'} "

@@ -28,7 +28,7 @@ from .config import Scale, bars_off, scale_name
 from .metrics import reconstruction_metrics
 from .saes.gradient import NORMALISATIONS, gradient_factor
 from .splice import Splicer
-from .sweeps import decided_gap, each_mode, matched_l0_gap, pick, seed_noise
+from .sweeps import decided_gap, each_mode, matched_l0_gap, pick, second_opinion, seed_noise
 from .train import check_fits
 
 BETAS = (0.1, 0.2, 0.3, 1.0)  # the β sweep at one k (β = 0 is the TopK SAE itself)
@@ -311,11 +311,8 @@ def _faithful(c: Claims, table, label, reference, mode, figure):
     if _has_kl(table, label, mode, reference):
         # KL(clean ‖ spliced) is never negative token by token, so its mean is far less noisy than ΔCE's
         # (a difference of two CEs): the same comparison on it says whether ΔCE's noise hides a gap
-        k_gaps = matched_l0_gap(table, label, reference, key="kl", mode=mode)
-        k_noise = seed_noise(table, [label, reference], "kl", [mode, None])
-        k_verdict = beats_noise(k_gaps, k_noise, "lower", what=f"{label} / {reference} kl at matched L0")
+        k_gaps, k_noise, k_verdict, same = second_opinion(table, label, reference, "kl", verdict, mode=mode)
         measured += f"; KL ratio: {_ratios(k_gaps)} (KL {noise_text(k_noise)})"
-        same = "the same verdict" if k_verdict.held == verdict.held else f"verdict '{Claims._word(k_verdict.held)}'"
         verdict = Verdict(verdict.held, f"{verdict.reason}; the same rule on KL(clean ‖ spliced) gives {same} "
                                         f"({k_verdict.reason})")
     c.add(f"g-SAE is more faithful downstream at equal L0 ({MODE_NAMES[mode]})", "lower ΔCE than TopK at equal L0",

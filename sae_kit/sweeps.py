@@ -189,3 +189,14 @@ def decided_gap(table: pd.DataFrame, label: str, reference: str, key: str = "fvu
     v = beats_noise(gaps, noise, better, what=f"{label} / {reference} {key} at matched L0")
     outside = extrapolated(table, label, reference, mode, ref_mode)
     return gaps, Verdict(v.held, v.reason + extrapolated_text(outside, reference)), noise
+
+
+def second_opinion(table: pd.DataFrame, label: str, reference: str, key: str, verdict, mode: str | None = None,
+                   ref_mode: str | None = None):
+    """The same matched-L0 rule (`decided_gap`) on a second metric, beside a verdict on the first:
+    (log gaps, noise, its `Verdict`, "the same verdict" or "verdict '<its word>'")."""
+    from .claims import Claims
+
+    gaps, other, noise = decided_gap(table, label, reference, key, mode, ref_mode)
+    same = "the same verdict" if other.held == verdict.held else f"verdict '{Claims._word(other.held)}'"
+    return gaps, noise, other, same
