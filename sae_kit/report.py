@@ -46,6 +46,36 @@ def provenance() -> dict:
                        f"{os.environ.get('OMP_NUM_THREADS') or torch.get_num_threads()} threads, {gpu}"}
 
 
+_CACHED = ("saes", "stores", "snmf")  # what a notebook trains or harvests once and then reads back
+_KIND_WORDS = {"saes": "SAEs", "stores": "activation stores", "snmf": "SNMF fits"}
+
+
+def cache_contents() -> dict[str, set[str]]:
+    """The entries of the kit's cache (SAEs, activation stores, SNMF fits), by kind."""
+    from .config import cache_dir
+
+    root = cache_dir()
+    return {kind: {p.name for p in (root / kind).iterdir() if not p.name.endswith((".ckpt", ".tmp", ".lock"))}
+            if (root / kind).is_dir() else set() for kind in _CACHED}
+
+
+def cache_state(before: dict[str, set[str]], after: dict[str, set[str]]) -> dict:
+    """What a run built against what it found: ``{"built": {kind: n}, "found": {kind: n}}``. A run
+    that built nothing ran on a warm cache; its time is not a cold-start time."""
+    return {"built": {k: len(after[k] - before[k]) for k in _CACHED},
+            "found": {k: len(before[k]) for k in _CACHED}}
+
+
+def _cache_words(state: dict | None) -> str:
+    if not state:
+        return ""
+    built = sum(state["built"].values())
+    if built == 0:
+        return "warm cache: nothing trained or harvested"
+    return "built " + ", ".join(f"{n} {_KIND_WORDS[k]}" for k, n in state["built"].items() if n) \
+        + f" ({sum(state['found'].values())} cache entries were there already)"
+
+
 def run_notebook(path: Path, out_dir: Path, timeout: int = 4 * 3600) -> float:
     import nbformat
     from nbclient import NotebookClient
@@ -76,6 +106,8 @@ def write_report(out_dir: Path, timings: dict, scale: str) -> Path:
         run = timings.get(c.notebook)
         run = {"seconds": run} if isinstance(run, (int, float)) else (run or {})
         where = ", ".join(f"{k} {run[k]}" for k in ("date", "commit", "machine") if k in run)
+        if run.get("cache"):
+            where += "; " + _cache_words(run["cache"])
         lines += [f"## {c.notebook}" + (f" ({run['seconds'] / 60:.1f} min)" if "seconds" in run else ""), "",
                   f"scale `{c.scale}`" + (f"; ran {where}" if where else ""), "", c.to_markdown(), ""]
     book = Path(__file__).resolve().parent.parent / "notebooks"  # the kit's own notebooks, when in a checkout
@@ -112,8 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     for nb in nbs:
         print(f"running {nb.name} at scale {scale} ...", flush=True)
         try:
+            before = cache_contents()
             seconds = run_notebook(nb.resolve(), out)
-            timings[nb.stem] = {"seconds": round(seconds, 1), **provenance()}
+            timings[nb.stem] = {"seconds": round(seconds, 1), **provenance(),
+                                "cache": cache_state(before, cache_contents())}
             print(f"  done in {seconds / 60:.1f} min", flush=True)
             out.mkdir(parents=True, exist_ok=True)  # after each notebook: a long run stopped later keeps it
             timings_file.write_text(json.dumps(timings, indent=1))

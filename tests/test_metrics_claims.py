@@ -61,6 +61,30 @@ def test_report_gathers_claims(tmp_path):
     assert "## 01_y (2.0 min)" in text and "ran date 2026-11-30 03:00 UTC, commit abc1234, machine 2 CPU cores" in text
 
 
+def test_a_run_record_says_whether_the_cache_was_cold(tmp_path, monkeypatch):
+    """A notebook's time means little without knowing what it had to train: the record counts what
+    the run added to the cache, ignoring locks and resume points."""
+    from sae_kit.report import cache_contents, cache_state, write_report
+
+    monkeypatch.setenv("SAE_KIT_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache" / "saes" / "topk-k8-old").mkdir(parents=True)
+    before = cache_contents()
+    (tmp_path / "cache" / "saes" / "topk-k16-new").mkdir()
+    (tmp_path / "cache" / "saes" / "topk-k32-new.ckpt").write_bytes(b"")
+    (tmp_path / "cache" / "stores").mkdir()
+    (tmp_path / "cache" / "stores" / "layer8").mkdir()
+    (tmp_path / "cache" / "stores" / "layer8.lock").write_bytes(b"")
+    state = cache_state(before, cache_contents())
+    assert state == {"built": {"saes": 1, "stores": 1, "snmf": 0}, "found": {"saes": 1, "stores": 0, "snmf": 0}}
+    assert cache_state(cache_contents(), cache_contents())["built"] == {"saes": 0, "stores": 0, "snmf": 0}
+    Claims("00_x", scale="ci").save(tmp_path / "out")
+    run = {"seconds": 60.0, "cache": state}
+    text = write_report(tmp_path / "out", {"00_x": run}, "ci").read_text()
+    assert "built 1 SAEs, 1 activation stores (1 cache entries were there already)" in text
+    run["cache"] = cache_state(before, before)
+    assert "warm cache: nothing trained or harvested" in write_report(tmp_path / "out", {"00_x": run}, "ci").read_text()
+
+
 def test_provenance_names_the_commit_and_machine():
     from sae_kit.report import provenance
 
