@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .claims import Claims, Verdict, beats_noise, noise_text, share_noise, threshold
+from .claims import Claims, Verdict, beats_noise, noise_text, share_below, share_noise, threshold
 from .config import Scale, scale_name
 from .metrics import feature_density, forward_batched, reconstruction_metrics
 from .saes import choice_sae, fit_zipf, topk_sae, zipf_probs
@@ -198,7 +198,7 @@ def claims(table: pd.DataFrame, zipf: dict, difficulty: dict, k: int, ks, fc_bat
             f"FC-Zipf dead on the training clock: at most {100 * clock:.2f}% at any k and seed; TopK without AuxK, "
             f"silent on the eval tokens: " + ", ".join(f"{100 * v:.1f}%" for v in topk.values)
             + f" at k = {', '.join(map(str, topk.index))}",
-            threshold(-clock, -0.01, -0.05, what="minus the largest share dead on the training clock"),
+            share_below(clock, 0.01, 0.05, what="the largest share dead on the training clock"),
             rule="held: under 1% of FC-Zipf's latents dead on the training clock (silent for `dead_tokens` training "
                  "tokens) at every k and seed; did not hold: over 5% somewhere; between: not decided",
             source="reviews (reviewer 2); Table 1 analogue", figure="01_dead_underused")
@@ -208,7 +208,7 @@ def claims(table: pd.DataFrame, zipf: dict, difficulty: dict, k: int, ks, fc_bat
             f"FC-Zipf in threshold mode, worst k: {100 * float(thr['dead'].max()):.2f}% silent on the eval tokens, "
             f"{100 * wide:.2f}% on 4× as many training tokens; expected zero-hit share at the eval size from "
             f"those densities {100 * float(thr['zero_hit_expected'].max()):.2f}%",
-            threshold(-wide, -0.01, -0.05, what="minus the largest share silent on 4× the eval tokens"),
+            share_below(wide, 0.01, 0.05, what="the largest share silent on 4× the eval tokens"),
             rule="held: under 1% of FC-Zipf's latents silent on 4× the eval tokens (threshold mode) at every k; did not "
                  "hold: over 5% at some k. A latent with a learned threshold above all its pre-activations is dead "
                  "to a user even if the batch rule gave it slots in training",

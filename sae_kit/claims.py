@@ -159,11 +159,15 @@ def beats_noise(gaps, noise: float, better: str = "lower", what: str = "the gap"
         return Verdict(None, "one seed only: no estimate of seed noise to beat")
     n_for, n_against = int((sign * g > noise).sum()), int((sign * g < -noise).sum())
     if n_for == g.size:
-        return Verdict(True, f"{what} beats seed noise (±{100 * noise:.1f}%) in the paper's direction at all {g.size} points")
+        return Verdict(True, f"{what} beats seed noise (±{100 * noise:.1f}%) in the paper's direction at {_all_points(g.size)}")
     if n_against == g.size:
-        return Verdict(False, f"{what} beats seed noise (±{100 * noise:.1f}%) against the paper at all {g.size} points")
+        return Verdict(False, f"{what} beats seed noise (±{100 * noise:.1f}%) against the paper at {_all_points(g.size)}")
     return Verdict(None, f"{n_for} of {g.size} points beat seed noise (±{100 * noise:.1f}%) in the paper's direction, "
                          f"{n_against} against it, {g.size - n_for - n_against} within it")
+
+
+def _all_points(n: int) -> str:
+    return "its one point" if n == 1 else f"all {n} points"
 
 
 def threshold(value: float, held_above: float, failed_below: float, what: str = "the value") -> Verdict:
@@ -176,6 +180,19 @@ def threshold(value: float, held_above: float, failed_below: float, what: str = 
     if value < failed_below:
         return Verdict(False, f"{what} {_fmt(value)} < {_fmt(failed_below)}")
     return Verdict(None, f"{what} {_fmt(value)} is between {_fmt(failed_below)} and {_fmt(held_above)}")
+
+
+def share_below(share: float, held_below: float, failed_above: float, what: str = "the share") -> Verdict:
+    """For a share where lower is what the paper says (dead latents): held when `share` < `held_below`,
+    did not hold when it is > `failed_above`, else not decided. The reason reads in percent."""
+    pct = lambda v: f"{100 * v:.2f}%"
+    if not np.isfinite(share):
+        return Verdict(None, f"{what} is not finite")
+    if share < held_below:
+        return Verdict(True, f"{what} {pct(share)} is under {pct(held_below)}")
+    if share > failed_above:
+        return Verdict(False, f"{what} {pct(share)} is over {pct(failed_above)}")
+    return Verdict(None, f"{what} {pct(share)} is between {pct(held_below)} and {pct(failed_above)}")
 
 
 def monotone(values, noise: float = 0.0, increasing: bool = True, what: str = "the values") -> Verdict:

@@ -21,7 +21,7 @@ from .claims import Claims, Verdict, beats_noise, noise_text
 from .config import bars_off, get_scale, scale_name
 from .metrics import coherence, reconstruction_metrics
 from .synthetic import Hierarchy, absorption, match
-from .sweeps import extrapolated, extrapolated_text, matched_l0_gap, seed_noise
+from .sweeps import extrapolated, extrapolated_text, matched_l0_gap, second_opinion, seed_noise
 from .train import History, TRAINING_REVISION, _batches, _check_store, cached_run, config_without_stamps, train
 
 TOY = "MP ‖r‖<0.05"  # MP trained the authors' toy way (pursuit until ‖r‖ < 0.05): the recovery verdicts use it
@@ -99,7 +99,7 @@ def sizes(scale=None) -> Sizes:
 
 def llm_row(sae, store, label: str, k: int, seed: int = 0, recipe: str = "kit", splicer=None) -> dict:
     """One row of the MP-vs-TopK table, in the layout `sweeps.matched_l0_gap` reads (label, k, seed,
-    mode, default, l0, fvu) plus ΔCE, dead %, coherence and the recipe it was trained with.
+    mode, default, l0, fvu) plus the per-token nMSE, ΔCE, dead %, coherence and the recipe it was trained with.
 
     ``l0`` counts *distinct* atoms with a non-zero value per token (a pursuit that picks an atom
     twice uses it once), which is what a TopK SAE's L0 counts too; ``steps`` is the budget k."""
@@ -107,22 +107,26 @@ def llm_row(sae, store, label: str, k: int, seed: int = 0, recipe: str = "kit", 
 
     r = evaluate(sae, store, splicer=splicer) if splicer is not None else reconstruction_metrics(sae, store.get("eval"))
     return {"label": label, "k": k, "seed": seed, "recipe": recipe, "mode": sae.modes[0], "default": True,
-            "steps": k, "l0": r["l0"], "fvu": r["fvu"], "delta_ce": r.get("delta_ce", float("nan")),
+            "steps": k, "l0": r["l0"], "fvu": r["fvu"], "nmse": r["nmse"], "delta_ce": r.get("delta_ce", float("nan")),
             "dead %": 100 * r["dead"], "coherence": coherence(sae.W_dec)["mean_max"]}
 
 
 
 def matched_table(llm: pd.DataFrame) -> pd.DataFrame:
     """Per k of MP (kit recipe, seed means): steps, distinct L0, MP's FVU, TopK's frontier
-    interpolated log-log at that L0 (`sweeps.matched_l0_gap`), the ratio, and whether TopK's frontier
+    interpolated log-log at that L0 (`sweeps.matched_l0_gap`), the ratio (and the per-token nMSE's
+    ratio, where the table has it), and whether TopK's frontier
     had to be extrapolated to reach that L0 (`sweeps.extrapolated`)."""
     kit = llm[llm.recipe == "kit"]
     mp = kit[kit.label == "MP"].groupby("k")[["l0", "fvu"]].mean()
     gaps = np.exp(matched_l0_gap(kit, "MP", "TopK"))
     outside = extrapolated(kit, "MP", "TopK")
-    return pd.DataFrame({"steps k": mp.index, "distinct L0": mp.l0.to_numpy(), "MP FVU": mp.fvu.to_numpy(),
-                         "TopK FVU at that L0": mp.fvu.to_numpy() / gaps, "MP / TopK": gaps,
-                         "TopK extrapolated": [k in outside for k in mp.index]}).set_index("steps k")
+    out = pd.DataFrame({"steps k": mp.index, "distinct L0": mp.l0.to_numpy(), "MP FVU": mp.fvu.to_numpy(),
+                        "TopK FVU at that L0": mp.fvu.to_numpy() / gaps, "MP / TopK": gaps})
+    if "nmse" in kit:  # the same comparison on the per-token nMSE
+        out["MP / TopK nMSE"] = np.exp(matched_l0_gap(kit, "MP", "TopK", key="nmse"))
+    out["TopK extrapolated"] = [k in outside for k in mp.index]
+    return out.set_index("steps k")
 
 # ---- the authors' optimiser recipe -----------------------------------------------------------------
 @dataclass(frozen=True)
@@ -312,6 +316,11 @@ def _matched_l0(kit: pd.DataFrame) -> tuple[Verdict, str]:
     n_seeds = kit.groupby(["label", "k"])["seed"].nunique().max()
     extra = f" (noise from {n_seeds} seeds at one k; other k one seed each)" if n_seeds > 1 else ""
     extra += extrapolated_text(extrapolated(kit, "MP", "TopK"), "TopK")
+    if "nmse" in kit and np.isfinite(kit["nmse"].to_numpy(dtype=float)).all():
+        # the per-token nMSE weighs every token alike: a few high-norm tokens cannot carry it
+        n_gaps, n_noise, n_v, same = second_opinion(kit, "MP", "TopK", "nmse", v)
+        measured += "; per-token nMSE ratio: " + ", ".join(f"{np.exp(g):.3f}" for g in n_gaps) + f" (nMSE {noise_text(n_noise)})"
+        extra += f"; the same rule on the per-token nMSE gives {same} ({n_v.reason})"
     return Verdict(v.held, v.reason + extra), measured
 
 

@@ -124,6 +124,10 @@ def test_decision_helpers():
     assert C.beats_noise([-0.2, float("nan")], 0.05).held is None  # a metric at or below zero decides nothing
     assert C.share_noise([0.0, 0.0]) == C.SHARE_NOISE_FLOOR and C.share_noise([0.01]) == 0.02
     assert math.isnan(C.share_noise([]))
+    assert C.share_below(0.0, 0.01, 0.05).held is True and C.share_below(0.06, 0.01, 0.05).held is False
+    assert C.share_below(0.03, 0.01, 0.05).held is None and C.share_below(float("nan"), 0.01, 0.05).held is None
+    assert C.share_below(0.0, 0.01, 0.05, what="dead").reason == "dead 0.00% is under 1.00%"  # no "-0 > -0.01"
+    assert C.beats_noise([-0.2], 0.05).reason.endswith("at its one point")
 
 
 def test_equal_seeds_do_not_let_one_latent_decide():
@@ -152,3 +156,6 @@ def test_quickstart_claims_by_hand():
     v = verdicts(quickstart.claims(**{**args, "fvus": [0.14, 0.15, 0.10], "dead_train": 0.2}, scale="lab"))
     assert list(v.values()) == [True, False, False, None]
     assert verdicts(quickstart.claims(**args, scale="ci"))["few dead latents with tied init + AuxK"] is None
+    spliced = quickstart.claims(**{**args, "splice": {**args["splice"], "ce_recovered_mean": 0.75}}, scale="lab").items[3]
+    assert "99.0% against zero-ablation and 75.0% against mean-ablation" in spliced.measured
+    assert "mean-ablation" not in quickstart.claims(**args, scale="lab").items[3].measured

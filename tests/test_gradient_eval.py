@@ -68,6 +68,28 @@ def test_claims_do_not_hold_when_every_gap_goes_against_the_paper():
     assert "against the paper" in row(c, "g-SAE is more faithful").note
 
 
+def test_cost_verdict_reads_in_percent_and_names_the_worst_k():
+    limit = np.log(1.1)
+    held = ge.cost_verdict([0.02, 0.05], [8, 16], noise=0.01)
+    assert held.held is True and "up to 5.1% above TopK's frontier (at k = 16)" in held.reason
+    failed = ge.cost_verdict([0.167, 0.12], [8, 16], noise=0.002)
+    assert failed.held is False and "18.2%" in failed.reason and "at k = 8" in failed.reason
+    assert "over the 10% allowance by more than the seed noise ±0.2%" in failed.reason
+    assert ge.cost_verdict([limit + 0.005], [8], noise=0.01).held is None  # within noise of the allowance
+    assert ge.cost_verdict([0.5], [8], noise=float("nan")).held is None  # one seed
+    assert "log" not in failed.reason and "−(" not in failed.reason  # the rule's algebra stays in the rule
+
+
+def test_the_cost_row_gives_the_per_token_nmse_verdict_beside_the_fvu_one():
+    t = sweep_table(fvu_ratio=1.3)
+    t["nmse"] = t["fvu"] * np.where(t["label"] == G, 1.0 / 1.3, 1.0)  # equal on nMSE: the FVU gap is in a few tokens
+    r = row(ge.claims(t, scale="ci"), "the reconstruction cost")
+    assert r.held is False  # the verdict stays on FVU, the paper's metric
+    assert "per-token nMSE gives verdict 'held'" in r.note and "per-token nMSE ratio: 1.000" in r.measured
+    t["nmse"] = t["fvu"]
+    assert "per-token nMSE gives the same verdict" in row(ge.claims(t, scale="ci"), "the reconstruction cost").note
+
+
 def test_claims_are_not_decided_within_noise_or_with_one_seed():
     within = ge.claims(sweep_table(ratio=0.99, fvu_ratio=1.1, dead=(0.05, 0.05), noise=0.05), scale="ci")
     assert set(verdicts(within).values()) == {None}
@@ -125,6 +147,28 @@ def test_first_order_premise_is_judged_on_the_bootstrap_interval(lo, hi, held):
     r = row(ge.claims(sweep_table(), first_order=fo, scale="ci"), "premise")
     assert r.held is held and r.figure == "02_first_order"
     assert r.measured.startswith("g-SAE (TopK mode)") and "g-SAE (gradient mode): ρ = 0.15" in r.measured
+
+
+def test_the_dead_row_gives_the_training_clock_verdict_beside_the_eval_one():
+    t = sweep_table(dead=(0.0, 0.1))  # on the eval tokens the g-SAE has fewer dead latents
+    t["dead_train"] = 0.0  # on the training clock neither has any: rare on the eval tokens, not dead
+    r = row(ge.claims(t, scale="ci"), "g-SAE has fewer dead")
+    assert r.held is True and "on the training clock: k=8: 0.00% vs 0.00%" in r.measured
+    assert "the same rule on the training clock gives verdict 'not decided'" in r.note
+    t["dead_train"] = t["dead"]
+    assert "training clock gives the same verdict" in row(ge.claims(t, scale="ci"), "g-SAE has fewer dead").note
+
+
+def test_within_window_rho_takes_out_the_differences_between_windows():
+    """Two windows whose levels differ: pooled over both, estimate and measurement rise together;
+    inside each window they run opposite ways. The pooled ρ is high, the within-window ρ is −1."""
+    rows = [{"window": w, "estimate": 10 * w + i, "measured": 10 * w - i, "own": 0.0, "err_norm": 1.0,
+             "grad_norm": 1.0} for w in (0, 1) for i in range(4)]
+    fo = ge.FirstOrder(pd.DataFrame(rows), pd.DataFrame({"estimate": [0.0, 1.0], "measured": [0.0, 1.0]}))
+    s = fo.summary(n_boot=20)
+    assert s["rho"] > 0.5 and s["rho_within"] == pytest.approx(-1.0)
+    r = row(ge.claims(sweep_table(), first_order={"g-SAE (TopK mode)": s}, scale="ci"), "premise")
+    assert "within a window, mean ρ = -1.00" in r.measured
 
 
 def test_selection_change_counts_the_latents_the_gradient_term_swaps():

@@ -3,6 +3,7 @@ MP against TopK at matched *distinct* L0, and the authors' optimiser recipe."""
 
 from dataclasses import replace
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -91,6 +92,18 @@ def test_mp_is_compared_at_its_distinct_l0_not_at_its_step_count():
     kit = pd.DataFrame(llm_rows(TOPK + [("MP", 16, 0, 8.0, 0.35, 0.1), ("MP", 16, 1, 8.0, 0.352, 0.1)]))
     held, note = pursuit._matched_l0(kit)[0]
     assert held is True, note  # 0.35 < 0.4 at matched L0, though 0.35 > 0.2 at equal k
+
+
+def test_the_matched_l0_row_and_table_give_the_per_token_nmse_beside_the_fvu():
+    kit = pd.DataFrame(llm_rows(TOPK + [("MP", 16, 0, 8.0, 0.35, 0.1), ("MP", 16, 1, 8.0, 0.352, 0.1)]))
+    kit["nmse"] = kit["fvu"] * np.where(kit["label"] == "MP", 0.45 / 0.35, 1.0)  # MP worse on nMSE: 0.45 > 0.4
+    (held, note), measured = pursuit._matched_l0(kit)
+    assert held is True  # the verdict stays on FVU
+    assert "per-token nMSE gives verdict 'did not hold'" in note and "per-token nMSE ratio: 1.1" in measured
+    table = pursuit.matched_table(kit)
+    mp_nmse = (0.35 + 0.352) / 2 * 0.45 / 0.35  # seed means at matched L0 8 (TopK's own point: no interpolation)
+    assert table["MP / TopK nMSE"].iloc[0] == pytest.approx(mp_nmse / 0.402)
+    assert table["MP / TopK"].iloc[0] == pytest.approx(0.351 / 0.402)
 
 
 def test_wsd_schedule_warms_up_holds_then_cools_to_a_tenth():
