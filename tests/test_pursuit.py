@@ -87,6 +87,18 @@ def test_claims_not_decided_say_why():
     assert "nan" not in c.to_markdown()
 
 
+def test_recovery_rows_say_what_fixed_k_mp_reached_beside_the_toy_training():
+    syn = syn_rows([0.85, 0.86], [0.95, 0.93], [0.6, 0.7])
+    syn = pd.concat([syn, pd.DataFrame([{"method": "MP", "seed": s, "parent": 1.0, "child": 0.92, "absorption": 0.6}
+                                        for s in (0, 1)])])
+    c = pursuit.claims(syn, {"digits": FALLING}, curves([0.2, 0.1], [0.3, 0.35]),
+                       pd.DataFrame(llm_rows(TOPK)), scale="ci")
+    parent, child = c.items[0], c.items[1]
+    assert parent.held is False and "fixed k (as trained on the language model) reaches 1.00" in parent.note
+    assert "the stopping rule decides this row" in parent.note  # fixed-k MP would have held
+    assert child.held is True and "reaches 0.92" in child.note and "decides" not in child.note
+
+
 def test_mp_is_compared_at_its_distinct_l0_not_at_its_step_count():
     # MP ran 16 steps but used 8 distinct atoms: TopK's frontier at L0 8 is 0.4, at L0 16 it is 0.2
     kit = pd.DataFrame(llm_rows(TOPK + [("MP", 16, 0, 8.0, 0.35, 0.1), ("MP", 16, 1, 8.0, 0.352, 0.1)]))
