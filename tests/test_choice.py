@@ -201,3 +201,20 @@ def test_feature_choice_zipf_keeps_each_features_own_top_m_across_capacity_group
         top = pre[:, j].topk(int(m[j]))
         assert set(torch.nonzero(keep[:, j]).flatten().tolist()) == set(top.indices.tolist())
         assert float(kth[j]) == float(top.values[-1])  # the cut-off is the m_j-th largest
+
+
+@pytest.mark.parametrize("capacity,min_one", [("zipf", False), ("zipf", True), ("uniform", False)])
+def test_feature_choice_selection_equals_the_mask_in_order(capacity, min_one):
+    """batch_select builds the pairs from each feature's top tokens without the B × d_sae mask: the
+    same pairs as batch_keep's mask, in its row-major order (the sparse kernels need rows sorted),
+    with ties and with features that get no slot (Zipf tail rounded to zero)."""
+    sae = choice_sae("fc", 4, 64, k=2, capacity=capacity, zipf_alpha=1.5, zipf_b=0.0, min_one=min_one)
+    gen = torch.Generator().manual_seed(5)
+    tied = torch.randn(40, 64, generator=gen).round()  # many equal values in every column
+    for pre in (torch.randn(40, 64, generator=gen), tied):
+        if capacity == "zipf" and not min_one:
+            assert int((sae.feature_capacities(40) == 0).sum()) > 0  # some features get no slot
+        rows, cols, cut = sae.batch_select(pre)
+        keep, cut2 = sae.batch_keep(pre)
+        assert torch.equal(torch.stack([rows, cols], 1), keep.nonzero())
+        assert torch.equal(cut, cut2) and len(rows) == 2 * 40

@@ -328,12 +328,20 @@ class SAE(nn.Module):
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.b_dec) @ self.W_enc + self.b_enc
 
+    def reads_pre_by_latent(self) -> bool:
+        """Whether the selection reads the pre-activations latent by latent (then `encode_sparse`
+        lays them out latent-major: ``pre`` is the [B, d_sae] view of a [d_sae, B] matrix)."""
+        return False
+
     def encode_sparse(self, x: torch.Tensor, g: torch.Tensor | None = None, k: int | None = None) -> SparseCode:
         """Select latents and return their values with the sparse backward attached."""
         x = _check_input(x, self.cfg.d_in, self.W_dec.dtype)
         x_c = x - self.b_dec
         with torch.no_grad():
-            pre = torch.addmm(self.b_enc, x_c, self.W_enc)
+            if self.reads_pre_by_latent():  # [d_sae, B] from the GEMM, seen as [B, d_sae]: no transpose
+                pre = torch.addmm(self.b_enc[:, None], self.W_enc.t(), x_c.t()).t()
+            else:
+                pre = torch.addmm(self.b_enc, x_c, self.W_enc)
             rows, cols, cutoff = self.select(pre, g, k)
         code = SparseCode(rows, cols, None, (x.shape[0], self.cfg.d_sae), pre, cutoff)
         code.vals = F.relu(self._gather(x, x_c, code))

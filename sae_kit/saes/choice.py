@@ -278,29 +278,52 @@ class FeatureChoiceSAE(_ChoiceSAE):
             probs[self.density.argsort(descending=True)] = p
         return capacities(probs, k * batch, batch, min_one=c.min_one)
 
-    def batch_keep(self, pre, k=None):
+    def reads_pre_by_latent(self) -> bool:
+        return self.training or self.mode == "batch"  # the batch rule ranks each feature's tokens
+
+    def _feature_tops(self, pre, k=None):
+        """Each feature's top m_j tokens of the batch: (per-feature cut-offs [n], and per capacity
+        group (feature ids [g], their top token ids [g, m_max], which of those are within m_j))."""
         B = pre.shape[0]
         m = self.feature_capacities(B, k)  # [n]
-        keep = torch.zeros_like(pre, dtype=torch.bool)
         kth = torch.zeros(pre.shape[1], dtype=pre.dtype, device=pre.device)
-        # Zipf capacities range from 1 to hundreds: one top-m_max over every column would sort each
-        # column nearly whole (~0.1 s at B = 1024, ~0.7 s at 5120). Columns are grouped by capacity
-        # (powers of two) and each group takes only its own largest m.
+        # Zipf capacities range from 1 to hundreds: one top-m_max over every feature would sort each
+        # one nearly whole (~0.1 s at B = 1024, ~0.7 s at 5120). Features are grouped by capacity
+        # (powers of two) and each group takes only its own largest m. The top-k runs along the rows
+        # of preᵀ, where each feature's tokens are contiguous (`encode_sparse` computes pre latent-
+        # major for this rule, so preᵀ costs nothing): ~1.7× faster than along the columns of pre at
+        # B = 5120, n = 4608 on 2 CPU cores.
+        pre_t = pre.t().contiguous()  # [n, B]; a no-op when pre came from `encode_sparse`
         group = torch.ceil(torch.log2(m.clamp_min(1).double())).long()
+        groups = []
         for g in torch.unique(group[m > 0]).tolist():
             cols = torch.nonzero((group == g) & (m > 0)).flatten()
             mg = m[cols]
-            m_max = int(mg.max())
-            vals, idx = pre[:, cols].topk(m_max, dim=0)  # [m_max, |cols|], per feature, descending
-            rank_ok = torch.arange(m_max, device=pre.device)[:, None] < mg[None, :]
-            keep[:, cols] = torch.zeros(B, len(cols), dtype=torch.bool, device=pre.device).scatter_(0, idx, rank_ok)
-            # cut-off per feature: its m_j-th largest value
-            kth[cols] = vals.gather(0, (mg - 1)[None, :])[0]
+            vals, idx = pre_t[cols].topk(int(mg.max()), dim=1)  # [|cols|, m_max], per feature, descending
+            groups.append((cols, idx, torch.arange(idx.shape[1], device=pre.device)[None, :] < mg[:, None]))
+            kth[cols] = vals.gather(1, (mg - 1)[:, None])[:, 0]  # cut-off per feature: its m_j-th largest value
         # features with m_j = 0 keep their threshold (or, before any, their largest value)
         none = m == 0
         if bool(none.any()):
-            kth[none] = self.threshold[none] if bool(self.threshold_ready) else pre[:, none].max(0).values
-        return keep, kth
+            kth[none] = self.threshold[none] if bool(self.threshold_ready) else pre_t[none].max(1).values
+        return kth, groups
+
+    def batch_keep(self, pre, k=None):
+        kth, groups = self._feature_tops(pre, k)
+        keep_t = torch.zeros(pre.shape[1], pre.shape[0], dtype=torch.bool, device=pre.device)
+        for cols, idx, ok in groups:
+            keep_t[cols] = torch.zeros(len(cols), pre.shape[0], dtype=torch.bool, device=pre.device).scatter_(1, idx, ok)
+        return keep_t.t(), kth
+
+    def batch_select(self, pre, k=None):
+        """The kept (token, feature) pairs straight from each feature's top tokens, sorted by token
+        then feature: the same pairs, in the same order, as ``batch_keep(pre).nonzero()``, without
+        the B × d_sae mask."""
+        kth, groups = self._feature_tops(pre, k)
+        rows = torch.cat([idx[ok] for _, idx, ok in groups]) if groups else pre.new_zeros(0, dtype=torch.long)
+        cols = torch.cat([c[:, None].expand_as(idx)[ok] for c, idx, ok in groups]) if groups else rows
+        order = torch.argsort(rows * pre.shape[1] + cols)
+        return Selection(rows[order], cols[order], kth)
 
 
 def choice_sae(rule: str, d_in: int, d_sae: int, k: int, seed: int = 0, device=None, **cfg) -> _ChoiceSAE:
