@@ -173,18 +173,20 @@ def test_mutual_choice_fast_search_equals_the_full_search(rng):
 
 
 def test_mutual_choice_fast_selection_equals_the_mask():
-    """batch_select (from each row's candidates) keeps exactly batch_keep's pairs, and falls back to it
-    when one token would keep more than its candidates."""
+    """batch_select (a lower bound from each row's candidates, then the exact cut-off among the entries
+    above it) keeps exactly batch_keep's pairs in its order, also when one token keeps far more
+    than its candidates and when the cut-off is tied."""
     from sae_kit.saes import choice_sae
 
     sae = choice_sae("mc", 4, 64, 3)
     gen = torch.Generator().manual_seed(0)
     spiky = torch.randn(16, 64, generator=gen)
-    spiky[2] += 10  # token 2 takes far more than 4k = 12 entries: the fallback path
-    for pre in (torch.randn(32, 64, generator=gen), spiky):
+    spiky[2] += 10  # token 2 takes far more than its 1.5k candidates
+    tied = torch.randn(32, 64, generator=gen).round()  # many entries equal to the cut-off
+    for pre in (torch.randn(32, 64, generator=gen), spiky, tied):
         rows, cols, cut = sae.batch_select(pre)
         keep, cut2 = sae.batch_keep(pre)
-        assert torch.equal(keep.nonzero(), torch.stack([rows, cols], 1)[torch.argsort(rows * 64 + cols)])
+        assert torch.equal(keep.nonzero(), torch.stack([rows, cols], 1))  # the same pairs, in row-major order
         assert bool((rows[1:] >= rows[:-1]).all()) and torch.equal(cut, cut2)
         assert len(rows) == 3 * len(pre)
 

@@ -233,17 +233,29 @@ class MutualChoiceSAE(_ChoiceSAE):
         return cand, idx, kth, budget
 
     def batch_select(self, pre, k=None):
-        """Straight from the candidates when they hold the whole selection (the usual case): no pass
-        over the full B × d_sae matrix. Falls back to `batch_keep` otherwise (ties, or a token that
-        would keep more than 4k)."""
+        """The same pairs, cut-off and order as `batch_keep`'s mask, found without a search over
+        the whole B × d_sae matrix.
+
+        The budget-th largest of each row's top c = 1.5k entries is a lower bound on the batch's
+        cut-off (it is the budget-th largest of a subset of the entries). The entries at or above
+        that bound are a small superset of the selection; the exact cut-off is the budget-th
+        largest among them, and ties at it are taken in row-major order, as `batch_keep` takes
+        them. On a trained Mutual Choice SAE some tokens keep 500-900 latents at k = 32, so no fixed
+        number of candidates per row holds the selection: on real layer-8 batches of 1024 this
+        takes ~35 ms on one CPU thread where a whole-matrix search took ~185 ms."""
         k = self.cfg.k if k is None else k
-        cand, idx, kth, budget = self._candidates(pre, k)
-        if bool((cand[:, -1] < kth).all()) and int((cand == kth).sum()) == 1:
-            # every row's kept entries are among its candidates, and the cut-off has no tie
-            take = cand >= kth
-            rows = torch.arange(pre.shape[0], device=pre.device)[:, None].expand_as(take)[take]
-            return Selection(rows, idx[take], kth.reshape(1))
-        return super().batch_select(pre, k)
+        B, n = pre.shape
+        budget = k * B
+        c = min(n, max(k + 1, (3 * k) // 2))
+        low = pre.topk(c, dim=1).values.reshape(-1).kthvalue(B * c - budget + 1).values
+        rows, cols = (pre >= low).nonzero(as_tuple=True)  # row-major, holds every kept pair
+        vals = pre[rows, cols]
+        kth = vals.kthvalue(vals.numel() - budget + 1).values
+        keep = vals > kth
+        short = budget - int(keep.sum())
+        if short > 0:  # ties at the cut-off: the first ones in row-major order, as batch_keep does
+            keep[(vals == kth).nonzero().flatten()[:short]] = True
+        return Selection(rows[keep], cols[keep], kth.reshape(1))
 
     def batch_keep(self, pre, k=None):
         k = self.cfg.k if k is None else k
