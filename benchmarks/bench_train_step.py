@@ -5,7 +5,8 @@ backward, grad-norm clip, Adam, as its SAETrainer runs it) on the same batches, 
 dead latents) and on (10% of latents dead), at two batch sizes. The "floor" row is the work any
 TopK step must do: the encoder GEMM (x − b_dec)·W_enc + b_enc and the per-token top-k.
 Section 2 times every other dictionary against the kit's TopK (selection cost: auxiliary losses
-idle); section 3 the kit's matching pursuit against the textbook autograd pursuit; section 4 the
+idle) on real layer-8 activations (`--data random` for Gaussian batches, which hide the batch
+rules' cost on the few high-norm tokens); section 3 the kit's matching pursuit against the textbook autograd pursuit; section 4 the
 harvest's tokens/s against the bare model on the same windows (a forward to the hooked layer; with
 gradients, a full forward and backward). Contenders are interleaved round by round, so
 machine noise hits them alike; ratios are medians of per-round ratios. Peak RSS is measured per
@@ -213,10 +214,32 @@ def section_saelens(a, results):
               f"vs floor: floor / ours)", rows)
 
 
+def layer8_activations(n: int, d_in: int) -> torch.Tensor:
+    """n real activations at the kit's default layer (a small harvest in a temporary folder): the
+    batch rules' cost depends on the data. At layer 8 a few high-norm tokens take hundreds of
+    latents under Mutual Choice, which Gaussian batches never show."""
+    import shutil
+    import tempfile
+
+    from sae_kit import harvest, load_model
+
+    model = load_model()
+    if model.cfg.d_model != d_in:
+        raise SystemExit(f"--data real needs --d-in {model.cfg.d_model} (the model's width); pass --data random")
+    tmp = Path(tempfile.mkdtemp(prefix="sae-kit-bench-"))
+    try:
+        store = harvest(model, "blocks.8.hook_resid_post", n_tokens=n, path=tmp / "store", progress=False,
+                        dtype="float32")
+        return store.get("train", n).clone()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def section_family(a, results):
+    real = layer8_activations(max(a.batches), a.d_in) if a.data == "real" else None
     for batch in a.batches:
         torch.manual_seed(0)
-        x = torch.randn(batch, a.d_in) * 3
+        x = real[:batch] if real is not None else torch.randn(batch, a.d_in) * 3
         names = ["kit_topk", "kit_mc", "kit_fc", "kit_fc_zipf", "kit_gsae", "kit_mp"]
         steps = {n: CONTENDERS[n](a, x, 0.0) for n in names}
         times = time_rounds(steps, a.rounds)
@@ -225,7 +248,8 @@ def section_family(a, results):
             r = ratio(times, n, "kit_topk")
             rows.append((n, f"{1000 * statistics.median(times[n]):.0f}", f"{r:.2f}x"))
             results[f"b{batch} family {n}"] = {"ms": 1000 * statistics.median(times[n]), "vs_topk": r}
-        table(f"Every dictionary's step against TopK's, batch {batch} (aux idle)", rows)
+        data = "real layer-8 activations" if real is not None else "Gaussian batches"
+        table(f"Every dictionary's step against TopK's, batch {batch}, {data} (aux idle)", rows)
 
 
 def section_mp(a, results):
@@ -290,6 +314,8 @@ def parse(argv=None):
     ap.add_argument("--batches", type=int, nargs="+", default=[1024, 4096])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--sections", nargs="+", default=["saelens", "family", "mp", "harvest"])
+    ap.add_argument("--data", choices=["real", "random"], default="real",
+                    help="the family section's batches: real layer-8 activations (default) or Gaussian")
     ap.add_argument("--harvest-tokens", type=int, default=8192)
     ap.add_argument("--harvest-rounds", type=int, default=3)
     ap.add_argument("--no-rss", dest="rss", action="store_false", help="skip the peak-RSS subprocesses")
