@@ -119,7 +119,8 @@ def per_token_difficulty(sae_choice, sae_topk, x: torch.Tensor) -> dict:
 
     Returns:
         dict with l0 [N], err [N] (relative error), the Spearman rho with its p-value, and
-        ``rho_abs`` (against the absolute error) and ``rho_norm`` (against ‖x‖).
+        ``rho_abs`` (against the absolute error), ``rho_norm`` (against ‖x‖) and ``rho_partial``
+        (against the relative error with ‖x‖ held fixed: is it difficulty, or only the norm?).
     """
     from scipy.stats import spearmanr
 
@@ -129,9 +130,26 @@ def per_token_difficulty(sae_choice, sae_topk, x: torch.Tensor) -> dict:
     _, z = forward_batched(sae_choice, x)
     l0 = (z > 0).sum(1).float()
     rho, p = spearmanr(l0.numpy(), err.numpy())
+    norm = x.norm(dim=1).numpy()
     return {"l0": l0, "err": err, "rho": float(rho), "p": float(p),
             "rho_abs": float(spearmanr(l0.numpy(), err_abs.numpy())[0]),
-            "rho_norm": float(spearmanr(l0.numpy(), x.norm(dim=1).numpy())[0])}
+            "rho_norm": float(spearmanr(l0.numpy(), norm)[0]),
+            "rho_partial": partial_spearman(l0.numpy(), err.numpy(), norm)}
+
+
+def partial_spearman(a, b, control) -> float:
+    """Spearman ρ of `a` and `b` with `control` held fixed: the Pearson correlation of the ranks of
+    a and b after each is regressed (linearly, with an intercept) on the ranks of `control`."""
+    from scipy.stats import rankdata
+
+    ra, rb, rc = (rankdata(np.asarray(v, dtype=float)) for v in (a, b, control))
+    design = np.c_[np.ones_like(rc), rc]
+    resid = lambda r: r - design @ np.linalg.lstsq(design, r, rcond=None)[0]
+    ea, eb = resid(ra), resid(rb)
+    left = lambda e, r: np.linalg.norm(e) > 1e-9 * np.linalg.norm(r - r.mean())  # not all explained
+    if not (left(ea, ra) and left(eb, rb)):
+        return float("nan")
+    return float((ea * eb).sum() / np.sqrt((ea ** 2).sum() * (eb ** 2).sum()))
 
 
 def reference_zipf(sae, x_eval: torch.Tensor) -> dict:
@@ -253,6 +271,8 @@ def claims(table: pd.DataFrame, zipf: dict, difficulty: dict, k: int, ks, fc_bat
         v = Verdict(None, v.reason + ", but not every p < 0.001")
     by_norm = [f"{l}: {d['rho_norm']:.2f}" for l, d in difficulty.items() if "rho_norm" in d]
     norm = "; ρ against ‖x‖ alone: " + ", ".join(by_norm) if by_norm else ""
+    held_norm = [f"{l}: {d['rho_partial']:.2f}" for l, d in difficulty.items() if "rho_partial" in d]
+    norm += "; with ‖x‖ held fixed (partial ρ): " + ", ".join(held_norm) if held_norm else ""
     out.add("per-token L0 rises with token difficulty", "adaptive computation: hard tokens get more features",
             ", ".join(f"{l}: ρ = {r:.2f}" for l, (r, _) in rhos.items()) + " (Spearman, per-token L0 vs the "
             "TopK reference's relative error ‖e‖/‖x‖)" + norm, v,

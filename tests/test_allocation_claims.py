@@ -159,3 +159,11 @@ def test_quickstart_claims_by_hand():
     spliced = quickstart.claims(**{**args, "splice": {**args["splice"], "ce_recovered_mean": 0.75}}, scale="lab").items[3]
     assert "99.0% against zero-ablation and 75.0% against mean-ablation" in spliced.measured
     assert "mean-ablation" not in quickstart.claims(**args, scale="lab").items[3].measured
+
+
+def test_adaptive_computation_row_shows_the_norm_and_the_partial_rho():
+    diff = {"MC": {"rho": 0.6, "p": 1e-9, "rho_norm": 0.75, "rho_partial": 0.65},
+            "FC-Zipf": {"rho": 0.5, "p": 1e-9, "rho_norm": 0.8, "rho_partial": 0.53}}
+    r = next(c for c in allocation.claims(table(), ZIPF, diff, 16, KS, 2560).items if c.claim.startswith("per-token L0"))
+    assert "ρ against ‖x‖ alone: MC: 0.75, FC-Zipf: 0.80" in r.measured
+    assert "with ‖x‖ held fixed (partial ρ): MC: 0.65, FC-Zipf: 0.53" in r.measured

@@ -6,10 +6,12 @@
 - `allocation.rank_stability` and `allocation.per_token_difficulty` on inputs with known Spearman ρ.
 """
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from sae_kit import allocation
 from sae_kit.allocation import (FC_REFERENCE, choice_batch, paper_variants, per_token_difficulty,
                                 rank_stability)
 from sae_kit.metrics import variance_concentration
@@ -479,3 +481,18 @@ def test_per_token_difficulty_relative_error_is_scale_free():
     assert b["l0"].tolist() == [2.0, 3.0, 4.0]  # every coordinate kept its side of 0.5
     # nothing was switched out of inference mode
     assert not ch.training and not top.training and ch.mode == "threshold"
+
+
+def test_partial_spearman_takes_out_what_the_control_explains():
+    """Two quantities that both follow the token norm correlate strongly, and not at all once the
+    norm is held fixed; a quantity tied to the other beyond the norm keeps its correlation."""
+    from scipy.stats import spearmanr
+
+    gen = np.random.default_rng(0)
+    norm = np.arange(400, dtype=float)
+    a = norm + 20 * gen.standard_normal(400)
+    b = norm + 20 * gen.standard_normal(400)
+    assert spearmanr(a, b)[0] > 0.9 and abs(allocation.partial_spearman(a, b, norm)) < 0.15
+    assert allocation.partial_spearman(a, a, norm) == pytest.approx(1.0)
+    assert allocation.partial_spearman(a, -a, norm) == pytest.approx(-1.0)
+    assert np.isnan(allocation.partial_spearman(norm, a, norm))  # nothing left once the control is out
