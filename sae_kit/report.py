@@ -47,7 +47,8 @@ def provenance() -> dict:
 
 
 _CACHED = ("saes", "stores", "snmf")  # what a notebook trains or harvests once and then reads back
-_KIND_WORDS = {"saes": "SAEs", "stores": "activation stores", "snmf": "SNMF fits"}
+_KIND_WORDS = {"saes": ("SAE", "SAEs"), "stores": ("activation store", "activation stores"),
+               "snmf": ("SNMF fit", "SNMF fits")}
 
 
 def cache_contents() -> dict[str, set[str]]:
@@ -72,7 +73,7 @@ def _cache_words(state: dict | None) -> str:
     built = sum(state["built"].values())
     if built == 0:
         return "warm cache: nothing trained or harvested"
-    return "built " + ", ".join(f"{n} {_KIND_WORDS[k]}" for k, n in state["built"].items() if n) \
+    return "built " + ", ".join(f"{n} {_KIND_WORDS[k][n != 1]}" for k, n in state["built"].items() if n) \
         + f" ({sum(state['found'].values())} cache entries were there already)"
 
 

@@ -80,7 +80,7 @@ def test_a_run_record_says_whether_the_cache_was_cold(tmp_path, monkeypatch):
     Claims("00_x", scale="ci").save(tmp_path / "out")
     run = {"seconds": 60.0, "cache": state}
     text = write_report(tmp_path / "out", {"00_x": run}, "ci").read_text()
-    assert "built 1 SAEs, 1 activation stores (1 cache entries were there already)" in text
+    assert "built 1 SAE, 1 activation store (1 cache entries were there already)" in text
     run["cache"] = cache_state(before, before)
     assert "warm cache: nothing trained or harvested" in write_report(tmp_path / "out", {"00_x": run}, "ci").read_text()
 
