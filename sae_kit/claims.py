@@ -223,6 +223,17 @@ def share_noise(sds) -> float:
     return max(2 * max(sds), SHARE_NOISE_FLOOR) if sds else float("nan")
 
 
+def agreement(verdict: Verdict, other: Verdict) -> str:
+    """How a second metric's verdict reads beside the first: "the same verdict" or "verdict '<word>'"."""
+    return "the same verdict" if other.held == verdict.held else f"verdict '{Claims._word(other.held)}'"
+
+
+def with_second(verdict: Verdict, other: Verdict, on: str) -> Verdict:
+    """`verdict`, unchanged, with the same rule's verdict on a second metric (`on`) in its reason."""
+    return Verdict(verdict.held, f"{verdict.reason}; the same rule on {on} gives {agreement(verdict, other)} "
+                                 f"({other.reason})")
+
+
 def noise_text(noise: float) -> str:
     """'seed noise ±x%' for a relative noise, or 'one seed' when there is no estimate (never '±nan%')."""
     return f"seed noise ±{100 * noise:.1f}%" if np.isfinite(noise) else "one seed (no noise estimate)"

@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .claims import Claims, Verdict, beats_noise, interval, noise_text, share_noise
+from .claims import Claims, Verdict, beats_noise, interval, noise_text, share_noise, with_second
 from .config import Scale, bars_off, scale_name
 from .metrics import reconstruction_metrics
 from .saes.gradient import NORMALISATIONS, gradient_factor
@@ -310,25 +310,25 @@ def _ks(table: pd.DataFrame, label: str, mode: str | None) -> list:
     return sorted(pick(table, label, mode)["k"].unique().tolist())
 
 
-def _has_kl(table: pd.DataFrame, label: str, mode: str | None, reference: str) -> bool:
-    """Whether both dictionaries' rows carry a finite KL (a splicer ran on them)."""
-    if "kl" not in table:
+def _has(table: pd.DataFrame, key: str, label: str, mode: str | None, reference: str) -> bool:
+    """Whether both dictionaries' rows carry a finite `key` (KL: a splicer ran on them; nMSE and the
+    training clock: tables from before those columns lack them)."""
+    if key not in table:
         return False
     rows = pd.concat([pick(table, label, mode), pick(table, reference)])
-    return bool(np.isfinite(rows["kl"].to_numpy(dtype=float)).all())
+    return bool(np.isfinite(rows[key].to_numpy(dtype=float)).all())
 
 
 def _faithful(c: Claims, table, label, reference, mode, figure):
     gaps, verdict, noise = decided_gap(table, label, reference, key="delta_ce", mode=mode)
     ks = ", ".join(map(str, _ks(table, label, mode)))
     measured = f"ΔCE ratio g-SAE / TopK at matched L0: {_ratios(gaps)} (k = {ks}); {noise_text(noise)}"
-    if _has_kl(table, label, mode, reference):
+    if _has(table, "kl", label, mode, reference):
         # KL(clean ‖ spliced) is never negative token by token, so its mean is far less noisy than ΔCE's
         # (a difference of two CEs): the same comparison on it says whether ΔCE's noise hides a gap
-        k_gaps, k_noise, k_verdict, same = second_opinion(table, label, reference, "kl", verdict, mode=mode)
+        k_gaps, k_noise, k_verdict, _ = second_opinion(table, label, reference, "kl", verdict, mode=mode)
         measured += f"; KL ratio: {_ratios(k_gaps)} (KL {noise_text(k_noise)})"
-        verdict = Verdict(verdict.held, f"{verdict.reason}; the same rule on KL(clean ‖ spliced) gives {same} "
-                                        f"({k_verdict.reason})")
+        verdict = with_second(verdict, k_verdict, "KL(clean ‖ spliced)")
     c.add(f"g-SAE is more faithful downstream at equal L0 ({MODE_NAMES[mode]})", "lower ΔCE than TopK at equal L0",
           measured, verdict,
           rule="held: the g-SAE's ΔCE is below TopK's frontier (interpolated at the g-SAE's L0) at every k by more "
@@ -366,13 +366,10 @@ def _dead(c: Claims, table, label, reference, mode, figure):
     ks, g_dead, t_dead, noise, verdict = _dead_gap(table, label, reference, mode)
     measured = ("dead share (never active on the eval tokens) g-SAE vs TopK: " + _shares(ks, g_dead, t_dead)
                 + (f"; seed noise ±{100 * noise:.2f} points" if np.isfinite(noise) else "; one seed (no noise estimate)"))
-    cols = pd.concat([pick(table, label, mode), pick(table, reference)])
-    if "dead_train" in table and np.isfinite(cols["dead_train"].to_numpy(dtype=float)).all():
+    if _has(table, "dead_train", label, mode, reference):
         _, g_clk, t_clk, _, clk = _dead_gap(table, label, reference, mode, key="dead_train")
-        same = "the same verdict" if clk.held == verdict.held else f"verdict '{Claims._word(clk.held)}'"
         measured += "; on the training clock: " + _shares(ks, g_clk, t_clk)
-        verdict = Verdict(verdict.held, f"{verdict.reason}; the same rule on the training clock gives {same} "
-                                        f"({clk.reason})")
+        verdict = with_second(verdict, clk, "the training clock")
     c.add(f"g-SAE has fewer dead latents ({MODE_NAMES[mode]})", "fewer dead latents than TopK", measured,
           verdict, rule="held: lower than TopK at every k by more than twice the largest seed sd (percentage "
                         "points, at least 0.2); did not hold: higher at every k by as much; else not decided",
@@ -438,16 +435,13 @@ def _mse_cost(c: Claims, table, label, reference, mode, figure, limit: float = 1
     noise = seed_noise(table, [label, reference], "fvu", [mode, None])
     verdict = cost_verdict(gaps, ks, noise, limit)
     measured = f"FVU ratio g-SAE / TopK at matched L0: {_ratios(gaps)} (k = {', '.join(map(str, ks))}); {noise_text(noise)}"
-    if "nmse" in table and np.isfinite(pd.concat([pick(table, label, mode), pick(table, reference)])["nmse"]
-                                        .to_numpy(dtype=float)).all():
+    if _has(table, "nmse", label, mode, reference):
         # the per-token nMSE weighs every token alike, so a few high-norm tokens cannot carry the verdict
         n_gaps = matched_l0_gap(table, label, reference, key="nmse", mode=mode)
         n_noise = seed_noise(table, [label, reference], "nmse", [mode, None])
-        n_verdict = cost_verdict(n_gaps, ks, n_noise, limit, metric="per-token nMSE")
-        same = "the same verdict" if n_verdict.held == verdict.held else f"verdict '{Claims._word(n_verdict.held)}'"
         measured += f"; per-token nMSE ratio: {_ratios(n_gaps)} (nMSE {noise_text(n_noise)})"
-        verdict = Verdict(verdict.held, f"{verdict.reason}; the same rule on the per-token nMSE gives {same} "
-                                        f"({n_verdict.reason})")
+        verdict = with_second(verdict, cost_verdict(n_gaps, ks, n_noise, limit, metric="per-token nMSE"),
+                              "the per-token nMSE")
     c.add(f"the reconstruction cost of the g-SAE is small ({MODE_NAMES[mode]})", "slightly worse reconstruction (MSE)",
           measured, verdict,
           rule=f"held: FVU at most {100 * (limit - 1):.0f}% above TopK's frontier (interpolated at the g-SAE's L0) at "
@@ -479,7 +473,7 @@ def _beta_sweep(c: Claims, beta_table, table, label, reference, mode, figure):
                                 f"of TopK, and {within} of {len(gaps)} settings lie within the noise, so not every "
                                 f"setting is worse")
     measured = f"ΔCE ratio g-SAE / TopK at k = {k}: {settings}; {noise_text(noise)}"
-    if "kl" in t and np.isfinite(t["kl"].to_numpy(dtype=float)).all() and _has_kl(table, label, mode, reference):
+    if "kl" in t and np.isfinite(t["kl"].to_numpy(dtype=float)).all() and _has(table, "kl", label, mode, reference):
         # the lower-noise KL beside ΔCE, as in the k sweep's row
         k_ref = float(pick(table, reference, k=k)["kl"].mean())
         k_gaps = np.log(t["kl"].to_numpy(dtype=float) / k_ref)

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .claims import Claims, Verdict, beats_noise, noise_text
+from .claims import Claims, Verdict, beats_noise, noise_text, with_second
 from .config import bars_off, get_scale, scale_name
 from .metrics import coherence, reconstruction_metrics
 from .synthetic import Hierarchy, absorption, match
@@ -318,9 +318,9 @@ def _matched_l0(kit: pd.DataFrame) -> tuple[Verdict, str]:
     extra += extrapolated_text(extrapolated(kit, "MP", "TopK"), "TopK")
     if "nmse" in kit and np.isfinite(kit["nmse"].to_numpy(dtype=float)).all():
         # the per-token nMSE weighs every token alike: a few high-norm tokens cannot carry it
-        n_gaps, n_noise, n_v, same = second_opinion(kit, "MP", "TopK", "nmse", v)
+        n_gaps, n_noise, n_v, _ = second_opinion(kit, "MP", "TopK", "nmse", v)
         measured += "; per-token nMSE ratio: " + ", ".join(f"{np.exp(g):.3f}" for g in n_gaps) + f" (nMSE {noise_text(n_noise)})"
-        extra += f"; the same rule on the per-token nMSE gives {same} ({n_v.reason})"
+        return with_second(Verdict(v.held, v.reason + extra), n_v, "the per-token nMSE"), measured
     return Verdict(v.held, v.reason + extra), measured
 
 

@@ -195,8 +195,7 @@ def second_opinion(table: pd.DataFrame, label: str, reference: str, key: str, ve
                    ref_mode: str | None = None):
     """The same matched-L0 rule (`decided_gap`) on a second metric, beside a verdict on the first:
     (log gaps, noise, its `Verdict`, "the same verdict" or "verdict '<its word>'")."""
-    from .claims import Claims
+    from .claims import agreement
 
     gaps, other, noise = decided_gap(table, label, reference, key, mode, ref_mode)
-    same = "the same verdict" if other.held == verdict.held else f"verdict '{Claims._word(other.held)}'"
-    return gaps, noise, other, same
+    return gaps, noise, other, agreement(verdict, other)
