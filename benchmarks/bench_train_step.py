@@ -31,11 +31,25 @@ from sae_kit.activations import _forward
 from sae_kit.train import adam, train_step
 
 DEAD_SHARE = 0.10
+DEVICE = torch.device("cpu")  # --device; contenders and batches live there
+
+
+def where() -> str:
+    """The machine the numbers come from, for the tables' titles."""
+    if DEVICE.type == "cuda":
+        return f"{torch.cuda.get_device_name(DEVICE)}"
+    return f"{torch.get_num_threads()} threads"
+
+
+def sync():
+    """Wait for queued GPU work, so a step's time is its own (a no-op on CPU)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 
 
 # ---- contenders: each is make(args, batch) -> step() -----------------------------------------
 def kit_topk(a, x, dead):
-    sae = topk_sae(a.d_in, a.d_sae, a.k)
+    sae = topk_sae(a.d_in, a.d_sae, a.k, device=DEVICE)
     return _kit(sae, x, dead)
 
 
@@ -56,10 +70,10 @@ def saelens_topk(a, x, dead):
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 
     sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=a.d_in, d_sae=a.d_sae, k=a.k, dtype="float32",
-                                                device="cpu", aux_loss_coefficient=1 / 32))
+                                                device=str(DEVICE), aux_loss_coefficient=1 / 32))
     sae.train()
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
-    mask = torch.zeros(a.d_sae, dtype=torch.bool)
+    mask = torch.zeros(a.d_sae, dtype=torch.bool, device=DEVICE)
     mask[:int(dead * a.d_sae)] = True
 
     def step():
@@ -74,7 +88,7 @@ def saelens_topk(a, x, dead):
 
 def floor(a, x, dead):
     """The encoder GEMM and the top-k: what every TopK step must compute, nothing else."""
-    W, b = torch.randn(a.d_in, a.d_sae) / a.d_in ** 0.5, torch.zeros(a.d_sae)
+    W, b = torch.randn(a.d_in, a.d_sae, device=DEVICE) / a.d_in ** 0.5, torch.zeros(a.d_sae, device=DEVICE)
 
     def step():
         torch.addmm(b, x, W).topk(a.k, dim=-1)
@@ -83,7 +97,7 @@ def floor(a, x, dead):
 
 def dense_topk(a, x, dead):
     """The same TopK math written as plain dense autograd (z scattered into a B×d_sae matrix)."""
-    sae = topk_sae(a.d_in, a.d_sae, a.k, aux_coef=0.0)
+    sae = topk_sae(a.d_in, a.d_sae, a.k, aux_coef=0.0, device=DEVICE)
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
 
     def step():
@@ -98,29 +112,29 @@ def dense_topk(a, x, dead):
 
 
 def kit_mc(a, x, dead):
-    return _kit(choice_sae("mc", a.d_in, a.d_sae, a.k), x, dead)
+    return _kit(choice_sae("mc", a.d_in, a.d_sae, a.k, device=DEVICE), x, dead)
 
 
 def kit_fc(a, x, dead):
-    return _kit(choice_sae("fc", a.d_in, a.d_sae, a.k), x, dead)
+    return _kit(choice_sae("fc", a.d_in, a.d_sae, a.k, device=DEVICE), x, dead)
 
 
 def kit_fc_zipf(a, x, dead):
-    return _kit(choice_sae("fc", a.d_in, a.d_sae, a.k, capacity="zipf", aux="none"), x, dead)
+    return _kit(choice_sae("fc", a.d_in, a.d_sae, a.k, capacity="zipf", aux="none", device=DEVICE), x, dead)
 
 
 def kit_gsae(a, x, dead):
     g = torch.randn_like(x)
-    return _kit(gradient_sae(a.d_in, a.d_sae, a.k, beta=0.3), x, dead, g)
+    return _kit(gradient_sae(a.d_in, a.d_sae, a.k, beta=0.3, device=DEVICE), x, dead, g)
 
 
 def kit_mp(a, x, dead):
-    return _kit(mp_sae(a.d_in, a.d_sae, a.k), x, 0.0)
+    return _kit(mp_sae(a.d_in, a.d_sae, a.k, device=DEVICE), x, 0.0)
 
 
 def textbook_mp(a, x, dead):
     """Matching pursuit as usually written: correlations recomputed (and differentiated) each step."""
-    sae = mp_sae(a.d_in, a.d_sae, a.k)
+    sae = mp_sae(a.d_in, a.d_sae, a.k, device=DEVICE)
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
 
     def step():
@@ -145,11 +159,13 @@ def time_rounds(steps: dict, rounds: int) -> dict[str, list[float]]:
     """Seconds per step of each contender, interleaved round by round (one warm-up step each)."""
     for step in steps.values():
         step()
+    sync()
     times = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
             t = time.perf_counter()
             step()
+            sync()
             times[name].append(time.perf_counter() - t)
     return times
 
@@ -191,7 +207,7 @@ def table(title, rows):
 def section_saelens(a, results):
     for batch in a.batches:
         torch.manual_seed(0)
-        x = torch.randn(batch, a.d_in) * 3
+        x = torch.randn(batch, a.d_in, device=DEVICE) * 3
         steps = {"floor": floor(a, x, 0)}
         for dead, tag in ((0.0, "aux idle"), (DEAD_SHARE, f"{DEAD_SHARE:.0%} dead, aux on")):
             steps[f"SAELens TopK, {tag}"] = saelens_topk(a, x, dead)
@@ -210,8 +226,25 @@ def section_saelens(a, results):
             results[f"b{batch} {name}"] = {"ms": 1000 * statistics.median(ts), "vs_saelens": vs_sl,
                                            "vs_floor": vs_floor, "peak_rss_mb": rss}
         table(f"TopK training step, batch {batch}, d_in {a.d_in}, d_sae {a.d_sae}, k {a.k}, "
-              f"{torch.get_num_threads()} threads, {a.rounds} rounds (vs SAELens: its time / ours; "
+              f"{where()}, {a.rounds} rounds (vs SAELens: its time / ours; "
               f"vs floor: floor / ours)", rows)
+
+
+def section_dense(a, results):
+    """The kit's TopK step against the same math as plain dense autograd, and the floor: which path
+    wins depends on the device (on a GPU the dense GEMMs are cheap and the sparse gathers are not)."""
+    for batch in a.batches:
+        torch.manual_seed(0)
+        x = torch.randn(batch, a.d_in, device=DEVICE) * 3
+        steps = {"floor": floor(a, x, 0), "kit_topk": kit_topk(a, x, 0.0), "dense_topk": dense_topk(a, x, 0.0)}
+        times = time_rounds(steps, a.rounds)
+        rows = [("step", "ms/step", "vs kit TopK (its time / the kit's)")]
+        for n, ts in times.items():
+            r = ratio(times, n, "kit_topk")
+            rows.append((n, f"{1000 * statistics.median(ts):.2f}", f"{r:.2f}x"))
+            results[f"b{batch} dense {n}"] = {"ms": 1000 * statistics.median(ts), "vs_kit_topk": r}
+        table(f"TopK step, kit (sparse backward) against dense autograd, batch {batch}, d_sae {a.d_sae}, "
+              f"{where()} (aux idle)", rows)
 
 
 def layer8_activations(n: int, d_in: int) -> torch.Tensor:
@@ -239,7 +272,7 @@ def section_family(a, results):
     real = layer8_activations(max(a.batches), a.d_in) if a.data == "real" else None
     for batch in a.batches:
         torch.manual_seed(0)
-        x = real[:batch] if real is not None else torch.randn(batch, a.d_in) * 3
+        x = (real[:batch] if real is not None else torch.randn(batch, a.d_in) * 3).to(DEVICE)
         names = ["kit_topk", "kit_mc", "kit_fc", "kit_fc_zipf", "kit_gsae", "kit_mp"]
         steps = {n: CONTENDERS[n](a, x, 0.0) for n in names}
         times = time_rounds(steps, a.rounds)
@@ -253,7 +286,7 @@ def section_family(a, results):
 
 
 def section_mp(a, results):
-    x = torch.randn(a.batches[0] // 4, a.d_in) * 3
+    x = torch.randn(a.batches[0] // 4, a.d_in, device=DEVICE) * 3
     steps = {n: CONTENDERS[n](a, x, 0.0) for n in ("kit_mp", "textbook_mp")}
     times = time_rounds(steps, a.rounds)
     r = ratio(times, "textbook_mp", "kit_mp")
@@ -313,21 +346,28 @@ def parse(argv=None):
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--batches", type=int, nargs="+", default=[1024, 4096])
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--sections", nargs="+", default=["saelens", "family", "mp", "harvest"])
+    ap.add_argument("--sections", nargs="+", default=["saelens", "family", "mp", "harvest"],
+                    help="any of saelens family mp harvest dense (dense: the kit against plain dense autograd)")
     ap.add_argument("--data", choices=["real", "random"], default="real",
                     help="the family section's batches: real layer-8 activations (default) or Gaussian")
     ap.add_argument("--harvest-tokens", type=int, default=8192)
     ap.add_argument("--harvest-rounds", type=int, default=3)
     ap.add_argument("--no-rss", dest="rss", action="store_false", help="skip the peak-RSS subprocesses")
     ap.add_argument("--json", help="also write the numbers to this file")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda: where contenders and batches live")
     return ap.parse_args(argv)
 
 
 def main():
+    global DEVICE
     a = parse()
-    results = {"threads": torch.get_num_threads(), "torch": torch.__version__}
+    DEVICE = torch.device(a.device)
+    if DEVICE.type == "cuda":
+        a.rss = False  # peak RSS is host memory: it says nothing about a GPU step
+    results = {"threads": torch.get_num_threads(), "torch": torch.__version__, "device": where()}
     for s in a.sections:
-        {"saelens": section_saelens, "family": section_family, "mp": section_mp, "harvest": section_harvest}[s](a, results)
+        {"saelens": section_saelens, "family": section_family, "mp": section_mp, "harvest": section_harvest,
+         "dense": section_dense}[s](a, results)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(results, f, indent=1)

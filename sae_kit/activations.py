@@ -233,14 +233,20 @@ class ActivationStore:
             raise ValueError(f"split {split!r} has {len(r)} tokens, fewer than one batch of {batch_size}")
         rng = np.random.default_rng(seed)
         starts = np.arange(r.start, r.stop, chunk_tokens)
+        resident = self._resident(split, r, device, grads)  # on a GPU: the split, moved there once
         for _ in range(epochs):
             leftover_x = leftover_g = None
             for s in rng.permutation(starts):
                 e = min(s + chunk_tokens, r.stop)
                 perm = rng.permutation(e - s)
-                what = f"tokens {s}-{e - 1} of store {self.path}"
-                x = _to_tensor(self.acts[s:e][perm], device, what)
-                g = _to_tensor(self._need_grads()[s:e][perm], device, "gradients of " + what) if grads else None
+                if resident is not None:  # the same tokens in the same order, gathered on the GPU
+                    p = torch.from_numpy(perm + (s - r.start)).to(resident[0].device)
+                    x = resident[0][p]
+                    g = resident[1][p] if grads else None
+                else:
+                    what = f"tokens {s}-{e - 1} of store {self.path}"
+                    x = _to_tensor(self.acts[s:e][perm], device, what)
+                    g = _to_tensor(self._need_grads()[s:e][perm], device, "gradients of " + what) if grads else None
                 if leftover_x is not None:
                     x = torch.cat([leftover_x, x])
                     g = torch.cat([leftover_g, g]) if grads else None
@@ -250,8 +256,28 @@ class ActivationStore:
                 leftover_x = x[n_full:]
                 leftover_g = g[n_full:] if grads else None
 
+    def _resident(self, split: str, r: range, device, grads: bool):
+        """On a CUDA device, the split's activations (and gradients) as float32 on that device, kept
+        for the store's lifetime: every epoch of every SAE then gathers its batches there instead of
+        converting and copying each chunk from the memmap (the host work that dominates a GPU
+        run). On other devices None: the chunked memmap reads keep RAM bounded."""
+        dev = torch.device(device) if device is not None else None
+        if dev is None or dev.type not in _RESIDENT_DEVICES:
+            return None
+        cache = self.__dict__.setdefault("_on_device", {})
+        key = (split, str(dev))
+        if key not in cache or (grads and cache[key][1] is None):
+            what = f"tokens {r.start}-{r.stop - 1} of store {self.path}"
+            x = cache[key][0] if key in cache else _to_tensor(self.acts[r.start:r.stop], dev, what)
+            g = _to_tensor(self._need_grads()[r.start:r.stop], dev, "gradients of " + what) if grads else None
+            cache[key] = (x, g)
+        return cache[key]
+
     def n_batches(self, batch_size: int, split: str = "train", epochs: int = 1) -> int:
         return len(self.token_range(split)) // batch_size * epochs
+
+
+_RESIDENT_DEVICES = ("cuda",)  # where `batches` keeps a split on the device instead of reading chunks
 
 
 def _to_tensor(a: np.ndarray, device, what: str = "store data") -> torch.Tensor:

@@ -5,6 +5,15 @@ The default corpus is the Python standard library's own documentation: every top
 of the standard library's source files, read with ``ast`` (nothing is imported or executed).
 That is several hundred thousand tokens of English prose and code on any Python install. A text
 file, a folder of ``.txt``/``.md`` files, or (online) a Hugging Face ``datasets`` name also work.
+
+The standard library's text differs between Python versions (3.12 removed modules and their
+docstrings), so two machines with different Pythons harvest different stores. To run the very same
+text elsewhere, export it once and point the other machine at the folder::
+
+    python -m sae_kit.corpus --export corpus/     # one numbered .txt file per document
+    SAE_KIT_CORPUS=corpus/ python -m sae_kit.report --scale paper
+
+``SAE_KIT_CORPUS`` (a file or folder) replaces the default corpus wherever no corpus is named.
 """
 
 from __future__ import annotations
@@ -72,6 +81,11 @@ def load_texts(source: str | Path | None = None, split: str = "train", text_fiel
     if source is not None and not isinstance(source, (str, Path)):
         raise TypeError(f"corpus must be None, a file or folder path, or a dataset name; got "
                         f"{type(source).__name__}")
+    if source is None and os.environ.get("SAE_KIT_CORPUS"):
+        source = os.environ["SAE_KIT_CORPUS"]
+        if not Path(source).exists():
+            raise FileNotFoundError(f"SAE_KIT_CORPUS={source!r}: no such file or folder; unset it for the "
+                                    f"standard library's documentation")
     if source is None or source == "stdlib":
         docs = stdlib_docs()
     elif Path(source).is_file():
@@ -173,3 +187,33 @@ def token_windows(tokenizer, docs: list[str], ctx_len: int, n_windows: int | Non
     windows = flat[: n_avail * ctx_len].reshape(n_avail, ctx_len)
     order = np.random.default_rng(seed).permutation(n_avail)[: n_windows or n_avail]
     return torch.from_numpy(windows[order].copy())
+
+
+def export(folder: str | Path, docs: list[str] | None = None) -> Path:
+    """Write a corpus (default: this Python's standard-library documentation) as one numbered
+    ``.txt`` file per document, so that `load_texts(folder)` gives the same documents in the same
+    order, and a store harvested from it the same windows, on any machine."""
+    docs = stdlib_docs() if docs is None else docs
+    out = Path(folder)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty; export into a new or empty folder")
+    tmp = out.with_name(out.name + ".partial")
+    tmp.mkdir(parents=True, exist_ok=True)
+    width = len(str(len(docs)))
+    for i, doc in enumerate(docs):
+        (tmp / f"{i:0{width}d}.txt").write_text(doc, encoding="utf-8")
+    if out.exists():
+        out.rmdir()  # empty, checked above
+    tmp.rename(out)
+    return out
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Export the default corpus as text files (see this module's docstring).")
+    ap.add_argument("--export", required=True, metavar="FOLDER", help="a new or empty folder")
+    a = ap.parse_args()
+    docs = stdlib_docs()
+    path = export(a.export, docs)
+    print(f"wrote {len(docs)} documents (fingerprint {fingerprint(docs)}) to {path}")

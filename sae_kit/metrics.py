@@ -54,7 +54,7 @@ def forward_batched(sae, x: torch.Tensor, batch_size: int = 4096, g: torch.Tenso
         gi = g[i:i + batch_size].to(sae.device) if g is not None else None
         x_hat, z = sae(x[i:i + batch_size].to(sae.device), gi)
         xs.append(x_hat.cpu())
-        zs.append(z.to_sparse() if z.shape[1] > 8192 else z.cpu())
+        zs.append(z.to_sparse().cpu() if z.shape[1] > 8192 else z.cpu())  # on the host, whatever the device
     z = torch.cat([t.to_dense() if t.is_sparse else t for t in zs])
     return torch.cat(xs), z
 

@@ -95,6 +95,74 @@ def run_notebook(path: Path, out_dir: Path, timeout: int = 4 * 3600) -> float:
     return time.time() - t0
 
 
+def _assigned_names(code: str) -> set[str]:
+    """The names a cell's top-level statements assign."""
+    import ast
+
+    names = set()
+    for node in ast.parse(code).body:
+        for target in getattr(node, "targets", [getattr(node, "target", None)]):
+            if target is not None:
+                names |= {n.id for n in ast.walk(target) if isinstance(n, ast.Name)}
+    return names
+
+
+def run_notebook_plain(path: Path) -> float:
+    """Run a notebook's code cells in this Python process, in order, without a Jupyter kernel (for a
+    machine that has the kit but no Jupyter, such as a GPU node). Cells share one namespace and run
+    with the notebook's folder as the working directory, as under a kernel; figures go to files only
+    (matplotlib's Agg backend). No executed HTML is written. A cell that needs the interactive widgets
+    (the explorer) is skipped when ipywidgets is missing; any other error stops the notebook."""
+    import json as _json
+    import traceback
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = [("".join(c["source"]) if isinstance(c["source"], list) else c["source"])
+             for c in _json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
+    namespace: dict = {"__name__": "__main__"}
+    skipped: set[str] = set()  # names that a skipped cell would have defined
+    here = os.getcwd()
+    t0 = time.time()
+    os.chdir(path.parent)
+    try:
+        for i, source in enumerate(cells, 1):
+            code = "\n".join(line for line in source.splitlines() if not line.lstrip().startswith(("%", "!")))
+            try:
+                exec(compile(code, f"<{path.stem} cell {i}>", "exec"), namespace)
+            except ModuleNotFoundError as e:
+                if e.name and e.name.split(".")[0] in ("ipywidgets", "IPython"):
+                    print(f"  cell {i} skipped: it needs {e.name}, which is not installed", flush=True)
+                    skipped |= _assigned_names(code)
+                    continue
+                raise
+            except NameError as e:
+                if e.name in skipped:  # it reads what a skipped widget cell would have made
+                    print(f"  cell {i} skipped: it uses {e.name!r} from a skipped cell", flush=True)
+                    skipped |= _assigned_names(code)
+                    continue
+                raise RuntimeError(f"{path.name}, code cell {i}: NameError: {e}") from e
+            except Exception as e:
+                raise RuntimeError(f"{path.name}, code cell {i}: {e.__class__.__name__}: {e}\n"
+                                   f"{traceback.format_exc()[-3000:]}") from e
+            finally:
+                plt.close("all")
+    finally:
+        os.chdir(here)
+        namespace.clear()
+        import gc
+
+        import torch
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the next notebook starts with the GPU's memory free
+    return time.time() - t0
+
+
 def write_report(out_dir: Path, timings: dict, scale: str) -> Path:
     """Gather every claims table under `out_dir` into ``REPORT.md``; `timings` maps a notebook to its
     run record (seconds, date, commit, machine) or, from older runs, to its seconds."""
@@ -128,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scale", default=None, help="ci | lab | paper (default: $SAE_KIT_SCALE or lab)")
     ap.add_argument("--notebooks", default="notebooks")
     ap.add_argument("--out", default="results")
+    ap.add_argument("--no-kernel", dest="kernel", action="store_false",
+                    help="run the code cells in this process, without Jupyter (no executed HTML)")
     args = ap.parse_args(argv)
     if args.scale:
         os.environ["SAE_KIT_SCALE"] = args.scale
@@ -146,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"running {nb.name} at scale {scale} ...", flush=True)
         try:
             before = cache_contents()
-            seconds = run_notebook(nb.resolve(), out)
+            seconds = run_notebook(nb.resolve(), out) if args.kernel else run_notebook_plain(nb.resolve())
             timings[nb.stem] = {"seconds": round(seconds, 1), **provenance(),
                                 "cache": cache_state(before, cache_contents())}
             print(f"  done in {seconds / 60:.1f} min", flush=True)

@@ -87,7 +87,7 @@ class Steerer:
 
     def _hook_rows(self, V: torch.Tensor, alphas: torch.Tensor, repeat: int = 1):
         """A hook adding α_r·v_r to batch row r (each row repeated `repeat` times in the batch)."""
-        add = (alphas.reshape(-1, 1).to(V.dtype) * V).repeat_interleave(repeat, 0)
+        add = (alphas.reshape(-1, 1).to(V.device, V.dtype) * V).repeat_interleave(repeat, 0)
         add = add.to(self.model.cfg.device, self.model.cfg.dtype)
         return [(self.hook, lambda act, hook: act + add.reshape(add.shape[0], *([1] * (act.ndim - 2)), -1))]
 

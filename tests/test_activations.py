@@ -50,6 +50,21 @@ def test_batches_cover_the_train_split_once_per_epoch(small_store):
     assert not torch.equal(seen, full)
 
 
+def test_device_resident_batches_equal_the_chunked_reads(small_store, monkeypatch):
+    """On a GPU a split is moved there once and batches are gathered there; they must be the very
+    batches (same tokens, same order) that the chunked memmap reads give. Checked on the CPU by
+    letting the resident path serve the CPU too."""
+    import sae_kit.activations as acts
+
+    kw = dict(batch_size=93, split="train", epochs=2, seed=3, chunk_tokens=500, device="cpu")
+    chunked = list(small_store.batches(**kw))
+    monkeypatch.setattr(acts, "_RESIDENT_DEVICES", ("cuda", "cpu"))
+    fresh = ActivationStore(small_store.path)
+    resident = list(fresh.batches(**kw))
+    assert fresh.__dict__.get("_on_device")  # the resident path did serve these
+    assert len(resident) == len(chunked) and all(torch.equal(a, b) for a, b in zip(resident, chunked))
+
+
 def test_store_for_another_model_or_hook_is_refused(small_store):
     with pytest.raises(StoreMismatchError, match="hook"):
         ActivationStore(small_store.path, expect={"hook": "blocks.3.hook_resid_post"})

@@ -123,3 +123,19 @@ def test_load_weights_refuses_a_missing_weight_but_not_a_missing_buffer(model):
     with pytest.raises(RuntimeError, match="1 unexpected"):
         load_weights(model, {**state, "blocks.0.not_a_weight": torch.zeros(1)})
     load_weights(model, state)
+
+
+def test_an_exported_corpus_reads_back_as_the_same_documents(tmp_path, monkeypatch):
+    from sae_kit.corpus import export, fingerprint, load_texts
+
+    docs = [f"document {i}: " + "words " * i for i in range(1, 12)]  # 11 files: names sort as numbers
+    out = export(tmp_path / "corpus", docs)
+    assert load_texts(out) == docs and fingerprint(load_texts(out)) == fingerprint(docs)
+    monkeypatch.setenv("SAE_KIT_CORPUS", str(out))  # the default corpus, replaced
+    assert load_texts() == docs and load_texts("stdlib") != docs
+    with pytest.raises(FileExistsError, match="not empty"):
+        export(out, docs)  # never writes over a folder with files in it
+    assert load_texts(out) == docs
+    monkeypatch.setenv("SAE_KIT_CORPUS", str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="SAE_KIT_CORPUS"):
+        load_texts()
