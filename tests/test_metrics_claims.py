@@ -127,3 +127,39 @@ def test_delta_ce_from_logp_scores_what_the_splicer_scores(model, small_store):
     ours = delta_ce_from_logp(lp_clean, lp_spliced, toks, sp.spec.skip_first, sp.spec.skip_last)
     assert out["delta_ce"] > 0.01
     assert ours == pytest.approx(out["delta_ce"], abs=2e-3)
+
+
+@pytest.mark.parametrize("make", ["topk", "mc_batch", "mp", "gsae"])
+def test_streamed_metrics_equal_the_dense_latents(make):
+    """`reconstruction_metrics` counts L0 and densities from the kept pairs batch by batch; the
+    numbers must be those of the dense z of all tokens, bit for bit."""
+    import contextlib
+
+    from sae_kit.metrics import dead_fraction, dense_fraction, feature_density, forward_batched, fvu, l0, nmse
+    from sae_kit.saes import choice_sae, gradient_sae, mp_sae, topk_sae
+
+    torch.manual_seed(0)
+    x = torch.randn(3000, 32) * 3
+    x[:20] *= 30  # a few high-norm tokens, as at layer 8
+    g = torch.randn_like(x) if make == "gsae" else None
+    sae = {"topk": lambda: topk_sae(32, 256, 8, device="cpu"), "mc_batch": lambda: choice_sae("mc", 32, 256, 8, device="cpu"),
+           "mp": lambda: mp_sae(32, 256, 8, device="cpu"), "gsae": lambda: gradient_sae(32, 256, 8, device="cpu")}[make]()
+    mode = sae.using("batch") if make == "mc_batch" else contextlib.nullcontext()
+    with mode:
+        x_hat, z = forward_batched(sae, x, batch_size=700, g=g)
+        new = metrics.reconstruction_metrics(sae, x, g, batch_size=700)
+    dens = feature_density(z)
+    assert torch.equal(new["density"], dens)
+    assert (new["fvu"], new["nmse"], new["l0"], new["dead"], new["dense"]) == (
+        fvu(x, x_hat), nmse(x, x_hat), l0(z), dead_fraction(dens), dense_fraction(dens))
+
+
+def test_sparse_code_counts_merge_a_latent_kept_twice():
+    from sae_kit.saes.base import SparseCode
+
+    code = SparseCode(rows=torch.tensor([0, 0, 0, 1, 1, 2]), cols=torch.tensor([3, 3, 1, 2, 2, 0]),
+                      vals=torch.tensor([0.5, 0.25, 0.0, 0.0, 0.0, 2.0]), shape=(4, 5))
+    per_token, fired = code.counts()
+    z = code.dense()
+    assert per_token.tolist() == (z != 0).sum(1).tolist() == [1, 0, 1, 0]
+    assert fired.tolist() == (z > 0).sum(0).tolist() == [1, 0, 0, 1, 0]

@@ -176,6 +176,16 @@ class SparseCode:
         flat = torch.unique(self.rows[keep] * self.shape[1] + self.cols[keep])
         return torch.bincount(flat // self.shape[1], minlength=self.shape[0])
 
+    def counts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(non-zero latents per token [B], tokens on which each latent is > 0 [d_sae]) of `dense()`,
+        from the pairs alone: a latent kept twice for one token counts once, by its summed value."""
+        d = self.shape[1]
+        key, inv = torch.unique(self.rows * d + self.cols, return_inverse=True)
+        z = torch.zeros(len(key), dtype=self.vals.dtype, device=self.vals.device).index_add_(0, inv, self.vals)
+        nonzero, positive = key[z != 0], key[z > 0]
+        return (torch.bincount(nonzero // d, minlength=self.shape[0]),
+                torch.bincount(positive % d, minlength=d))
+
     def fired(self) -> torch.Tensor:
         """[d_sae] bool: latents active on at least one token of the batch."""
         return torch.bincount(self.cols[self.vals > 0], minlength=self.shape[1]) > 0
@@ -372,6 +382,12 @@ class SAE(nn.Module):
     def reconstruct(self, x: torch.Tensor, g: torch.Tensor | None = None, k: int | None = None) -> torch.Tensor:
         """x_hat without building the dense z."""
         return sparse_decode(self.encode_sparse(x, g, k), self.W_dec) + self.b_dec
+
+    def forward_counts(self, x: torch.Tensor, g: torch.Tensor | None = None):
+        """(x_hat, non-zero latents per token [B], tokens on which each latent is > 0 [d_sae]): what
+        the metrics read of ``self(x, g)``, without the dense z."""
+        code = self.encode_sparse(x, g)
+        return (sparse_decode(code, self.W_dec) + self.b_dec, *code.counts())
 
     def dead_mask(self) -> torch.Tensor:
         return self.tokens_since_fired >= self.cfg.dead_tokens
