@@ -46,9 +46,9 @@ def provenance() -> dict:
                        f"{os.environ.get('OMP_NUM_THREADS') or torch.get_num_threads()} threads, {gpu}"}
 
 
-_CACHED = ("saes", "stores", "snmf")  # what a notebook trains or harvests once and then reads back
+_CACHED = ("saes", "stores", "snmf", "evals")  # what a notebook computes once and then reads back
 _KIND_WORDS = {"saes": ("SAE", "SAEs"), "stores": ("activation store", "activation stores"),
-               "snmf": ("SNMF fit", "SNMF fits")}
+               "snmf": ("SNMF fit", "SNMF fits"), "evals": ("SAE evaluation", "SAE evaluations")}
 
 
 def cache_contents() -> dict[str, set[str]]:
@@ -72,6 +72,8 @@ def _cache_words(state: dict | None) -> str:
         return ""
     built = sum(state["built"].values())
     if built == 0:
+        if "evals" in state["built"]:  # (records from before evaluations were cached lack the key)
+            return "warm cache: nothing trained, harvested or evaluated afresh"
         return "warm cache: nothing trained or harvested"
     return "built " + ", ".join(f"{n} {_KIND_WORDS[k][n != 1]}" for k, n in state["built"].items() if n) \
         + f" ({sum(state['found'].values())} cache entries were there already)"

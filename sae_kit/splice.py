@@ -71,6 +71,16 @@ class Splicer:
         n = self.targets.numel()
         self.ce_clean, self.ce_zero, self.ce_mean = ce_clean / n, ce_zero / n, ce_mean / n
 
+    def digest(self) -> str:
+        """A hash of what a splice reads besides the dictionary: the model (its name, and its clean,
+        zero- and mean-ablated CE on these windows, which move with any change of its weights), the
+        hook, the windows, the scored positions, the mean activation and the batching."""
+        from .sweeps import digest
+
+        return digest(str(getattr(self.model.cfg, "model_name", "")), self.spec.hook, self.windows,
+                      [self.sl.start, self.sl.stop], self.mean_act, self.batch_seqs,
+                      [self.ce_clean, self.ce_zero, self.ce_mean], str(self.model.cfg.dtype))
+
     def _mean_like(self, a):
         return self.mean_act.to(a.device, a.dtype).expand_as(a.reshape(*a.shape[:-1], -1)).reshape(a.shape)
 

@@ -7,17 +7,29 @@ and a column per metric, plus the trained SAEs. `matched_l0_gap` compares a vari
 reference frontier at the variant's own L0, and `seed_spread` gives the seed-to-seed noise a claim
 must beat. A row's ``default`` column marks the dictionary's default mode (``sae.modes[0]``), which
 is what a comparison uses unless it names a mode.
+
+Given an ``eval_key`` (`digest` of everything the evaluation reads besides the SAE), `run_sweep`
+also keeps each SAE's evaluation rows in the kit's cache, keyed by that digest, the SAE's class,
+config and weights, and the kit's own source code: a notebook run again on a warm cache reads them
+back instead of evaluating every dictionary again, and any change to the data, the dictionary or
+the kit's code evaluates afresh.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
+import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import pandas as pd
+import torch
 
-from .train import train_cached
+from .train import config_without_stamps, train_cached, weights_digest
 
 
 @dataclass
@@ -57,8 +69,94 @@ def each_mode(sae, evaluate: Callable[[str], dict]) -> list[dict]:
     return rows
 
 
+def digest(*parts) -> str:
+    """A short hash of what an evaluation reads: tensors and arrays (dtype, shape and bytes), numbers,
+    strings, None, and dicts / lists / tuples of them; an object with a ``digest()`` method (a
+    `Splicer`) gives its own. Anything else is refused rather than hashed by its (unstable) repr."""
+    h = hashlib.sha256()
+
+    def feed(o):
+        if isinstance(o, torch.Tensor):
+            o = o.detach().cpu().contiguous().numpy()
+        if isinstance(o, np.ndarray):
+            h.update(f"array {o.dtype} {o.shape}".encode())
+            h.update(np.ascontiguousarray(o).tobytes())
+        elif o is None or isinstance(o, (bool, int, float, str, np.integer, np.floating)):
+            h.update(f"{type(o).__name__} {o!r};".encode())
+        elif isinstance(o, dict):
+            h.update(b"{")
+            for key in sorted(o, key=str):
+                feed(str(key))
+                feed(o[key])
+            h.update(b"}")
+        elif isinstance(o, (list, tuple)):
+            h.update(b"[")
+            for item in o:
+                feed(item)
+            h.update(b"]")
+        elif callable(getattr(o, "digest", None)):
+            h.update(f"{type(o).__name__} {o.digest()};".encode())
+        else:
+            raise TypeError(f"digest: cannot hash a {type(o).__name__}; give tensors, numbers, strings or "
+                            f"containers of them")
+
+    for p in parts:
+        feed(p)
+    return h.hexdigest()[:20]
+
+
+@functools.lru_cache(maxsize=1)
+def kit_code_digest() -> str:
+    """A hash of the kit's own source files: cached evaluations are keyed by it, so a change to any
+    metric (or anything else in the kit) never serves numbers the current code would not give."""
+    h = hashlib.sha256()
+    root = Path(__file__).resolve().parent
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:20]
+
+
+def _json_rows(rows) -> str | None:
+    """`rows` as JSON if they survive the round trip unchanged (plain numbers, strings, booleans)."""
+    try:
+        text = json.dumps(rows)
+    except (TypeError, ValueError):
+        return None
+    back = json.loads(text)
+    same = lambda a, b: a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+    if len(back) != len(rows) or any(set(a) != set(b) or any(not same(a[c], b[c]) or type(a[c]) is not type(b[c])
+                                                             for c in a) for a, b in zip(rows, back)):
+        return None
+    return text
+
+
+def cached_evaluation(sae, evaluate: Callable[[], list], eval_key: str | None, name: str) -> list:
+    """``evaluate()``, or its rows from the kit's cache when the same SAE (class, config, weights and
+    buffers) was evaluated on the same data (`eval_key`) by the same kit code. None: no caching."""
+    if eval_key is None:
+        return evaluate()
+    from .config import cache_dir
+    from .fsutil import atomic_write_text
+
+    key = digest(eval_key, kit_code_digest(), type(sae).__name__,
+                 json.dumps(config_without_stamps(sae), sort_keys=True, default=str), weights_digest(sae))
+    path = cache_dir() / "evals" / f"{''.join(c if c.isalnum() else '-' for c in name)}-{key}.json"
+    if path.exists():
+        try:
+            return json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError):
+            path.unlink(missing_ok=True)  # a damaged entry of the kit's own cache: evaluate again
+    rows = evaluate()
+    text = _json_rows(rows)
+    if text is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, text)
+    return rows
+
+
 def run_sweep(variants: list[Variant], store, ks, evaluate: Callable, batch_size: int, epochs: int,
-              seeds=(0,), extra_seed_k: "int | str | None" = None) -> Sweep:
+              seeds=(0,), extra_seed_k: "int | str | None" = None, eval_key: str | None = None) -> Sweep:
     """Train (or reload from the cache: `train_cached`) and evaluate every variant at every k (first
     seed), and at `extra_seed_k` every seed (``"all"``: every seed at every k).
 
@@ -70,6 +168,9 @@ def run_sweep(variants: list[Variant], store, ks, evaluate: Callable, batch_size
             each with ``mode``, ``default`` and the metrics, which must include ``l0``).
         batch_size, epochs: training settings shared by all (a variant's ``train_kw`` may override them).
         seeds: seeds (a variant's own ``seeds`` replace them); all are used only at `extra_seed_k`.
+        eval_key: `digest` of everything `evaluate` reads besides the SAE and k (eval tokens, reference
+            densities, the `Splicer`...): each SAE's rows are then cached (`cached_evaluation`). None:
+            evaluate every time.
 
     Returns:
         A `Sweep`.
@@ -82,7 +183,9 @@ def run_sweep(variants: list[Variant], store, ks, evaluate: Callable, batch_size
                 kw = {"batch_size": batch_size, "epochs": epochs, **v.train_kw}
                 sae, hist = train_cached(v.build(k, seed), store, seed=seed, desc=f"{v.label} k={k} seed={seed}", **kw)
                 out.saes[v.label, k, seed], out.histories[v.label, k, seed] = sae, hist
-                records += [{"label": v.label, "k": k, "seed": seed, **row} for row in evaluate(sae, k)]
+                rows = cached_evaluation(sae, lambda: evaluate(sae, k), None if eval_key is None else
+                                         digest(eval_key, k), f"{v.label}-k{k}-seed{seed}")
+                records += [{"label": v.label, "k": k, "seed": seed, **row} for row in rows]
     out.table = pd.DataFrame(records)
     return out
 

@@ -75,14 +75,19 @@ def test_a_run_record_says_whether_the_cache_was_cold(tmp_path, monkeypatch):
     (tmp_path / "cache" / "stores" / "layer8").mkdir()
     (tmp_path / "cache" / "stores" / "layer8.lock").write_bytes(b"")
     state = cache_state(before, cache_contents())
-    assert state == {"built": {"saes": 1, "stores": 1, "snmf": 0}, "found": {"saes": 1, "stores": 0, "snmf": 0}}
-    assert cache_state(cache_contents(), cache_contents())["built"] == {"saes": 0, "stores": 0, "snmf": 0}
+    assert state == {"built": {"saes": 1, "stores": 1, "snmf": 0, "evals": 0},
+                     "found": {"saes": 1, "stores": 0, "snmf": 0, "evals": 0}}
+    assert cache_state(cache_contents(), cache_contents())["built"] == {"saes": 0, "stores": 0, "snmf": 0, "evals": 0}
     Claims("00_x", scale="ci").save(tmp_path / "out")
     run = {"seconds": 60.0, "cache": state}
     text = write_report(tmp_path / "out", {"00_x": run}, "ci").read_text()
     assert "built 1 SAE, 1 activation store (1 cache entries were there already)" in text
     run["cache"] = cache_state(before, before)
-    assert "warm cache: nothing trained or harvested" in write_report(tmp_path / "out", {"00_x": run}, "ci").read_text()
+    assert "warm cache: nothing trained, harvested or evaluated afresh" in write_report(
+        tmp_path / "out", {"00_x": run}, "ci").read_text()
+    old = {"built": {"saes": 0, "stores": 0, "snmf": 0}, "found": {"saes": 3, "stores": 1, "snmf": 0}}
+    assert "warm cache: nothing trained or harvested" in write_report(  # a record from before evaluations were cached
+        tmp_path / "out", {"00_x": {**run, "cache": old}}, "ci").read_text()
 
 
 def test_provenance_names_the_commit_and_machine():

@@ -93,3 +93,62 @@ def test_cache_key_arguments_fill_in_defaults():
     assert a == training_arguments({"batch_size": 64, "epochs": 2, "seed": 0, "desc": "x", "progress": False})
     assert a != training_arguments({"batch_size": 64, "epochs": 2, "seed": 1})
     assert a["lr"] is None and a["grads"] is False
+
+
+def test_run_sweep_reads_cached_evaluations_back(rng, monkeypatch, tmp_path):
+    monkeypatch.setenv("SAE_KIT_CACHE", str(tmp_path))
+    x = torch.randn(512, 8, generator=rng)
+    variants = [sweeps.Variant("TopK", lambda k, seed: sae_kit.topk_sae(8, 32, k, seed=seed, device="cpu"))]
+    calls = []
+
+    def evaluate(sae, k):
+        calls.append(k)
+        m = sae_kit.reconstruction_metrics(sae, x[:64])
+        return [{"mode": "topk", "default": True, "l0": m["l0"], "fvu": m["fvu"], "ce": float("nan"), "n": 3}]
+
+    run = lambda key: sweeps.run_sweep(variants, x, (2, 4), evaluate, batch_size=64, epochs=1, seeds=(0, 1),
+                                       extra_seed_k=4, eval_key=key)
+    key = sweeps.digest("evaluate", x[:64])
+    first = run(key).table
+    assert calls == [2, 4, 4]
+    again = run(key).table  # the same SAEs (same seeds, same training) on the same data: read back
+    assert calls == [2, 4, 4]
+    pd.testing.assert_frame_equal(first, again)
+    assert again["n"].dtype == first["n"].dtype
+    run(sweeps.digest("evaluate", x[64:128]))  # other eval tokens: evaluated afresh
+    assert calls == [2, 4, 4] * 2
+    for f in (tmp_path / "evals").iterdir():
+        f.write_text("{not json")  # a damaged entry is evaluated again, not trusted
+    pd.testing.assert_frame_equal(run(key).table, first)
+    assert len(calls) == 9
+
+
+def test_cached_evaluation_follows_the_weights_and_skips_what_json_would_change(monkeypatch, tmp_path):
+    monkeypatch.setenv("SAE_KIT_CACHE", str(tmp_path))
+    sae = sae_kit.topk_sae(8, 32, 2, device="cpu")
+    calls = []
+    ev = lambda: calls.append(1) or [{"mode": "topk", "fvu": 0.5}]
+    sweeps.cached_evaluation(sae, ev, "k", "TopK")
+    sweeps.cached_evaluation(sae, ev, "k", "TopK")
+    assert len(calls) == 1
+    with torch.no_grad():
+        sae.W_dec[0, 0] += 1e-3  # other weights: another dictionary
+    sweeps.cached_evaluation(sae, ev, "k", "TopK")
+    assert len(calls) == 2
+    odd = lambda: calls.append(1) or [{"mode": "topk", "fvu": torch.tensor(0.5)}]  # not plain JSON
+    sweeps.cached_evaluation(sae, odd, "k2", "TopK")
+    sweeps.cached_evaluation(sae, odd, "k2", "TopK")
+    assert len(calls) == 4
+    assert sweeps.cached_evaluation(sae, ev, None, "TopK") == ev() and len(calls) == 6  # no key: no cache
+
+
+def test_digest_follows_every_value_and_refuses_what_it_cannot_hash():
+    x = torch.zeros(4, 3)
+    y = x.clone()
+    y[3, 2] = 1e-7
+    assert sweeps.digest(x) != sweeps.digest(y) and sweeps.digest(x) == sweeps.digest(x.clone())
+    assert sweeps.digest(x) != sweeps.digest(x.double()) and sweeps.digest(x) != sweeps.digest(x.reshape(3, 4))
+    assert sweeps.digest({"a": 1, "b": x}) == sweeps.digest({"b": x, "a": 1})
+    assert sweeps.digest(1) != sweeps.digest(1.0) != sweeps.digest("1")
+    with pytest.raises(TypeError, match="cannot hash a object"):
+        sweeps.digest(object())
