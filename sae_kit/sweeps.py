@@ -133,13 +133,14 @@ def _json_rows(rows) -> str | None:
 
 def cached_evaluation(sae, evaluate: Callable[[], list], eval_key: str | None, name: str) -> list:
     """``evaluate()``, or its rows from the kit's cache when the same SAE (class, config, weights and
-    buffers) was evaluated on the same data (`eval_key`) by the same kit code. None: no caching."""
+    buffers) was evaluated on the same data (`eval_key`) by the same kit code and torch version.
+    `eval_key` None: no caching."""
     if eval_key is None:
         return evaluate()
     from .config import cache_dir
     from .fsutil import atomic_write_text
 
-    key = digest(eval_key, kit_code_digest(), type(sae).__name__,
+    key = digest(eval_key, kit_code_digest(), torch.__version__, type(sae).__name__,
                  json.dumps(config_without_stamps(sae), sort_keys=True, default=str), weights_digest(sae))
     path = cache_dir() / "evals" / f"{''.join(c if c.isalnum() else '-' for c in name)}-{key}.json"
     if path.exists():
