@@ -70,9 +70,10 @@ def each_mode(sae, evaluate: Callable[[str], dict]) -> list[dict]:
 
 
 def digest(*parts) -> str:
-    """A short hash of what an evaluation reads: tensors and arrays (dtype, shape and bytes), numbers,
-    strings, None, and dicts / lists / tuples of them; an object with a ``digest()`` method (a
-    `Splicer`) gives its own. Anything else is refused rather than hashed by its (unstable) repr."""
+    """A short hash of what an evaluation reads: tensors and arrays (dtype, shape and bytes), numbers
+    (floats to 12 significant digits), strings, None, and dicts / lists / tuples of them; an object
+    with a ``digest()`` method (a `Splicer`) gives its own. Anything else is refused rather than
+    hashed by its (unstable) repr."""
     h = hashlib.sha256()
 
     def feed(o):
@@ -81,7 +82,11 @@ def digest(*parts) -> str:
         if isinstance(o, np.ndarray):
             h.update(f"array {o.dtype} {o.shape}".encode())
             h.update(np.ascontiguousarray(o).tobytes())
-        elif o is None or isinstance(o, (bool, int, float, str, np.integer, np.floating)):
+        elif isinstance(o, (float, np.floating)):
+            # 12 significant digits: a refit that moves only the last bits (threaded least squares,
+            # e.g. the Zipf fit) keys alike; a value that differs in earnest does not
+            h.update(f"float {float(o):.12g};".encode())
+        elif o is None or isinstance(o, (bool, int, str, np.integer)):
             h.update(f"{type(o).__name__} {o!r};".encode())
         elif isinstance(o, dict):
             h.update(b"{")

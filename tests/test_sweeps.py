@@ -150,5 +150,8 @@ def test_digest_follows_every_value_and_refuses_what_it_cannot_hash():
     assert sweeps.digest(x) != sweeps.digest(x.double()) and sweeps.digest(x) != sweeps.digest(x.reshape(3, 4))
     assert sweeps.digest({"a": 1, "b": x}) == sweeps.digest({"b": x, "a": 1})
     assert sweeps.digest(1) != sweeps.digest(1.0) != sweeps.digest("1")
+    # the Zipf fit's alpha from two runs (threaded least squares): the same key; another alpha: not
+    assert sweeps.digest({"alpha": 0.9111477986708507}) == sweeps.digest({"alpha": 0.9111477986708526})
+    assert sweeps.digest(0.9111477986708507) != sweeps.digest(0.91114779867)
     with pytest.raises(TypeError, match="cannot hash a object"):
         sweeps.digest(object())
