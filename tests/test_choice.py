@@ -220,3 +220,24 @@ def test_feature_choice_selection_equals_the_mask_in_order(capacity, min_one):
         keep, cut2 = sae.batch_keep(pre)
         assert torch.equal(torch.stack([rows, cols], 1), keep.nonzero())
         assert torch.equal(cut, cut2) and len(rows) == 2 * 40
+
+
+def test_zipf_fit_is_the_least_squares_fit_and_the_same_on_every_run():
+    """alpha enters the Zipf SAEs' configs and so their cache keys: it must not move in its last bits
+    between runs or thread counts (a threaded lstsq did, and retrained cached SAEs)."""
+    g = torch.Generator().manual_seed(0)
+    r = torch.arange(1, 4001, dtype=torch.float64)
+    dens = (0.3 * (r + 10.0) ** -0.9 * torch.exp(0.2 * torch.randn(len(r), generator=g, dtype=torch.float64))).float()
+    fit = fit_zipf(dens)
+    d = torch.sort(dens[dens > 0].double(), descending=True).values[: int(0.9 * len(dens))]
+    ranks = torch.arange(1, len(d) + 1, dtype=torch.float64)
+    X = torch.stack([torch.ones(len(d), dtype=torch.float64), -(ranks + fit["b"]).log()], 1)
+    coef = torch.linalg.lstsq(X, d.log()[:, None]).solution[:, 0]
+    assert fit["alpha"] == pytest.approx(float(coef[1]), rel=1e-9) and fit["c"] == pytest.approx(float(coef[0]), rel=1e-9)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fit_zipf(dens)
+    finally:
+        torch.set_num_threads(threads)
+    assert one == fit == fit_zipf(dens.clone())

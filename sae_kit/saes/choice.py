@@ -120,20 +120,28 @@ def fit_zipf(density: torch.Tensor, bs=(0.0, 1.0, 3.0, 10.0, 30.0, 100.0), head:
     Returns:
         dict with alpha, b, c, r2 and n (features fitted).
     """
-    d = torch.sort(density[density > 0].double(), descending=True).values
+    import numpy as np
+
+    d = np.sort(density[density > 0].double().cpu().numpy())[::-1]
     d = d[: max(3, int(head * len(d)))]
     if len(d) < 3:
         raise ValueError("need at least 3 alive features to fit a Zipf law")
-    r = torch.arange(1, len(d) + 1, dtype=torch.float64)
-    y = d.log()
+    r = np.arange(1, len(d) + 1, dtype=np.float64)
+    y = np.log(d)
+    yc = y - y.mean()
     best = None
     for b in bs:
-        X = torch.stack([torch.ones_like(r), -(r + b).log()], 1)
-        coef = torch.linalg.lstsq(X, y[:, None]).solution[:, 0]
-        resid = y - X @ coef
-        r2 = 1 - float(resid.pow(2).sum() / (y - y.mean()).pow(2).sum())
+        # the two-parameter least squares in closed form, with numpy's pairwise sums: the same bits on
+        # every run (a threaded lstsq moved alpha in its last bits from run to run, and alpha is part
+        # of the Zipf SAEs' configs, hence of their cache keys)
+        u = -np.log(r + b)
+        uc = u - u.mean()
+        alpha = float((uc * yc).sum() / (uc * uc).sum())
+        c = float(y.mean() - alpha * u.mean())
+        resid = y - (c + alpha * u)
+        r2 = 1 - float((resid * resid).sum() / (yc * yc).sum())
         if best is None or r2 > best["r2"]:
-            best = {"alpha": float(coef[1]), "b": b, "c": float(coef[0]), "r2": r2, "n": len(d)}
+            best = {"alpha": alpha, "b": b, "c": c, "r2": r2, "n": len(d)}
     return best
 
 
