@@ -193,18 +193,17 @@ def export(folder: str | Path, docs: list[str] | None = None) -> Path:
     """Write a corpus (default: this Python's standard-library documentation) as one numbered
     ``.txt`` file per document, so that `load_texts(folder)` gives the same documents in the same
     order, and a store harvested from it the same windows, on any machine."""
+    from .fsutil import replace_dir, temp_sibling
+
     docs = stdlib_docs() if docs is None else docs
     out = Path(folder)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} is not empty; export into a new or empty folder")
-    tmp = out.with_name(out.name + ".partial")
-    tmp.mkdir(parents=True, exist_ok=True)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} is not an empty folder; export into a new or empty folder")
+    tmp = temp_sibling(out)  # the kit's own temporary folder: a killed export leaves no half corpus
     width = len(str(len(docs)))
     for i, doc in enumerate(docs):
         (tmp / f"{i:0{width}d}.txt").write_text(doc, encoding="utf-8")
-    if out.exists():
-        out.rmdir()  # empty, checked above
-    tmp.rename(out)
+    replace_dir(tmp, out)  # `out` is new or empty: nothing of the user's is replaced
     return out
 
 

@@ -46,13 +46,18 @@ def dense_fraction(density: torch.Tensor, threshold: float = 0.1) -> float:
     return float((density > threshold).float().mean())
 
 
+def _device_batches(sae, x: torch.Tensor, batch_size: int, g: torch.Tensor | None = None):
+    """(x, g) in batches of `batch_size` rows, on the dictionary's device (g None when not given)."""
+    for i in range(0, len(x), batch_size):
+        yield x[i:i + batch_size].to(sae.device), (g[i:i + batch_size].to(sae.device) if g is not None else None)
+
+
 @torch.no_grad()
 def forward_batched(sae, x: torch.Tensor, batch_size: int = 4096, g: torch.Tensor | None = None):
     """``sae(x)`` = (x_hat, z) for many tokens, in batches (inference mode)."""
     xs, zs = [], []
-    for i in range(0, len(x), batch_size):
-        gi = g[i:i + batch_size].to(sae.device) if g is not None else None
-        x_hat, z = sae(x[i:i + batch_size].to(sae.device), gi)
+    for xi, gi in _device_batches(sae, x, batch_size, g):
+        x_hat, z = sae(xi, gi)
         xs.append(x_hat.cpu())
         zs.append(z.to_sparse().cpu() if z.shape[1] > 8192 else z.cpu())  # on the host, whatever the device
     z = torch.cat([t.to_dense() if t.is_sparse else t for t in zs])
@@ -75,9 +80,8 @@ def _stream_counts(sae, x: torch.Tensor, batch_size: int, g: torch.Tensor | None
     latents per token [N] and tokens on which each latent is active (z > 0) [d_sae]. A dense z of
     all tokens (N × d_sae: 1.8 GB for 100k tokens of a 4608-wide SAE) is never built."""
     xs, per_token, fired = [], [], None
-    for i in range(0, len(x), batch_size):
-        gi = g[i:i + batch_size].to(sae.device) if g is not None else None
-        x_hat, nonzero, counts = sae.forward_counts(x[i:i + batch_size].to(sae.device), gi)
+    for xi, gi in _device_batches(sae, x, batch_size, g):
+        x_hat, nonzero, counts = sae.forward_counts(xi, gi)
         xs.append(x_hat.cpu())
         per_token.append(nonzero.cpu())
         fired = counts.cpu() if fired is None else fired + counts.cpu()
@@ -92,8 +96,7 @@ def fvu_by_budget(sae, x: torch.Tensor, budgets: list[int], batch_size: int = 40
     k latents per token for TopK, k steps for matching pursuit)."""
     out = []
     for k in budgets:
-        x_hat = torch.cat([sae.reconstruct(x[i:i + batch_size].to(sae.device), k=k).cpu()
-                           for i in range(0, len(x), batch_size)])
+        x_hat = torch.cat([sae.reconstruct(xi, k=k).cpu() for xi, _ in _device_batches(sae, x, batch_size)])
         out.append(fvu(x, x_hat))
     return out
 

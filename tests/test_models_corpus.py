@@ -133,7 +133,7 @@ def test_an_exported_corpus_reads_back_as_the_same_documents(tmp_path, monkeypat
     assert load_texts(out) == docs and fingerprint(load_texts(out)) == fingerprint(docs)
     monkeypatch.setenv("SAE_KIT_CORPUS", str(out))  # the default corpus, replaced
     assert load_texts() == docs and load_texts("stdlib") != docs
-    with pytest.raises(FileExistsError, match="not empty"):
+    with pytest.raises(FileExistsError, match="not an empty folder"):
         export(out, docs)  # never writes over a folder with files in it
     assert load_texts(out) == docs
     monkeypatch.setenv("SAE_KIT_CORPUS", str(tmp_path / "missing"))

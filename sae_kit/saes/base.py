@@ -171,10 +171,8 @@ class SparseCode:
         return z.index_put((self.rows, self.cols), self.vals, accumulate=True)
 
     def l0_per_token(self) -> torch.Tensor:
-        """Distinct active latents per token."""
-        keep = self.vals > 0
-        flat = torch.unique(self.rows[keep] * self.shape[1] + self.cols[keep])
-        return torch.bincount(flat // self.shape[1], minlength=self.shape[0])
+        """Distinct active latents per token (a latent kept twice counts once)."""
+        return self.counts()[0]
 
     def counts(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(non-zero latents per token [B], tokens on which each latent is > 0 [d_sae]) of `dense()`,
