@@ -9,6 +9,7 @@ from sae_kit import synthetic
 from sae_kit.metrics import coherence, fvu_by_budget
 from sae_kit.pursuit import residual_norms
 from sae_kit.saes import load_sae, mp_sae, relu_sae, topk_sae
+from sae_kit.saes.matching_pursuit import gram_into, row_max
 
 
 def plain_pursuit(x, D, b, steps):
@@ -36,6 +37,69 @@ def test_gram_trick_pursuit_equals_the_plain_algorithm(rng):
     x = torch.randn(40, 16, generator=rng)
     z = sae.encode(x)
     assert torch.allclose(z.double(), plain_pursuit(x, sae.W_dec.detach(), sae.b_dec.detach(), 6), atol=1e-4)
+
+
+def test_row_max_gives_max_values_and_first_indices(rng):
+    c = torch.randn(64, 512, generator=rng)
+    c[0, [3, 300]] = 50.0  # a tie across blocks: the first wins
+    c[1, [130, 131]] = 50.0  # a tie inside one block
+    c[2] = float("-inf")  # every atom hidden by dropout
+    c[3, 7], c[3, 400] = float("nan"), float("nan")
+    c[4] = 1.0  # a constant row
+    v, j = row_max(c)
+    v0, j0 = c.max(1)
+    assert torch.equal(j, j0) and torch.equal(v.nan_to_num(), v0.nan_to_num())
+    assert j[:5].tolist() == [3, 130, 0, 7, 0]
+    with pytest.raises(ValueError, match="multiple of 128"):
+        row_max(c[:, :500])
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 48, 1000])
+def test_gram_into_is_the_symmetric_product(n, rng):
+    W = torch.randn(n, 16, generator=rng)
+    G = gram_into(W, torch.full((n, n), float("nan")))
+    assert torch.equal(G, G.t())
+    assert torch.allclose(G, W @ W.t(), rtol=1e-5, atol=1e-5)
+
+
+def test_training_and_inference_pursuits_equal_the_plain_algorithm_as_the_decoder_moves(rng):
+    """The training path reuses one Gram buffer; inference caches G per decoder version. Both must
+    follow the decoder through optimiser steps and mode switches (d_sae 200 also pads the argmax)."""
+    sae = mp_sae(16, 200, k=6, seed=3)
+    x = torch.randn(40, 16, generator=rng)
+    for mode in ("eval", "train", "eval", "train"):
+        sae.train(mode == "train")
+        z = sae.encode(x).detach()
+        assert torch.allclose(z.double(), plain_pursuit(x, sae.W_dec.detach(), sae.b_dec.detach(), 6), atol=1e-4)
+        with torch.no_grad():
+            sae.W_dec.add_(0.3 * torch.randn(sae.W_dec.shape, generator=rng))  # a decoder step
+
+
+@pytest.mark.parametrize("threshold,dropout", [(0.0, 0.0), (0.0, 0.5), (1.0, 0.0), (1.0, 0.5)])
+def test_pursuit_in_token_blocks_equals_one_block(threshold, dropout, monkeypatch, rng):
+    """Blocks of tokens that stop at different steps (the threshold) and share dropout's masks give
+    the values, the live atoms, the length and the generator state of one block over the batch."""
+    from sae_kit.saes import matching_pursuit as M
+
+    sae = mp_sae(16, 200, k=6, seed=3)
+    scale = torch.tensor([0.05] * 30 + [3.0] * 30 + [0.5] * 30)[:, None]  # blocks that stop early, late, between
+    r0 = torch.randn(90, 16, generator=rng) * scale
+
+    def run(block_bytes):
+        monkeypatch.setattr(M, "PURSUIT_BLOCK_BYTES", block_bytes)
+        sae._gen.manual_seed(7)
+        idx, vals = sae.choose(r0.clone(), 40, threshold=threshold, dropout=dropout)
+        return idx, vals, sae._gen.get_state()
+
+    i1, v1, g1 = run(1 << 30)
+    i2, v2, g2 = run(30 * 256 * 4)  # 30 tokens a block at the padded width 256
+    assert v1.shape == v2.shape and torch.equal(v1, v2) and torch.equal(g1, g2)
+    assert torch.equal(i1[v1 > 0], i2[v2 > 0])
+    assert 0 <= int(i2.min()) and int(i2.max()) < 200  # steps after a block stopped name a real atom
+    if threshold:
+        assert v1.shape[1] < 40  # every token stopped early, at different steps by block
+        stopped = (v2 > 0).sum(1)
+        assert stopped[:30].max() < stopped[30:60].max()
 
 
 def test_residual_orthogonal_to_last_atom_and_norm_never_grows(small_store):
