@@ -24,6 +24,7 @@ import hashlib
 import os
 import re
 import sysconfig
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -146,6 +147,29 @@ def fingerprint(docs: list[str]) -> str:
     return h.hexdigest()[:12]
 
 
+_JOINED = weakref.WeakKeyDictionary()  # tokenizer -> {(corpus fingerprint, vocabulary size, separator): ids}
+
+
+def _joined_ids(tokenizer, docs: list[str], sep: tuple) -> np.ndarray:
+    """The documents' token ids joined by `sep`, read-only. Tokenising the default corpus takes ~0.7 s
+    on one core, as long as a small harvest's model work, so it is kept per tokenizer for the
+    process, keyed by the corpus's fingerprint (its full text), the vocabulary size and the separator."""
+    key = (fingerprint(docs), len(tokenizer), sep)
+    try:
+        memo = _JOINED.setdefault(tokenizer, {})
+    except TypeError:  # a tokenizer that cannot be referenced weakly: tokenise every time
+        memo = {}
+    flat = memo.get(key)
+    if flat is None:
+        ids = tokenizer(docs, add_special_tokens=False)["input_ids"]
+        flat = np.fromiter((t for doc in ids for t in (*doc, *sep)), dtype=np.int64)
+        flat.flags.writeable = False
+        while len(memo) >= 2:  # a corpus or two per tokenizer: a few MB each
+            memo.pop(next(iter(memo)))
+        memo[key] = flat
+    return flat
+
+
 def token_windows(tokenizer, docs: list[str], ctx_len: int, n_windows: int | None = None,
                   seed: int = 0, sep_token_id: int | None = None, separator: str | None = None) -> torch.Tensor:
     """Tokenise documents, join them with a separator, cut into windows, shuffle them by seed.
@@ -175,8 +199,7 @@ def token_windows(tokenizer, docs: list[str], ctx_len: int, n_windows: int | Non
             sep_token_id = tokenizer.eos_token_id
     if separator is None:
         sep = (sep_token_id,)
-    ids = tokenizer(docs, add_special_tokens=False)["input_ids"]
-    flat = np.fromiter((t for doc in ids for t in (*doc, *sep)), dtype=np.int64)
+    flat = _joined_ids(tokenizer, docs, sep)
     n_avail = len(flat) // ctx_len
     if n_avail == 0:
         raise ValueError(f"corpus has {len(flat)} tokens, fewer than one window of {ctx_len}; give a larger "

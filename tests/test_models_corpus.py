@@ -75,6 +75,33 @@ def test_token_windows_are_deterministic_for_a_seed(model):
     assert fingerprint(docs) == fingerprint(list(docs))
 
 
+def test_token_windows_reuse_the_tokenised_corpus_only_for_the_same_text_and_separator(model):
+    """The joined ids are kept per tokenizer; another corpus, an edited document or another
+    separator must be tokenised afresh, and the kept ids cannot be changed by a caller."""
+    from sae_kit import corpus
+
+    tok = model.tokenizer
+    docs = load_texts()[:40]
+
+    def fresh(docs, sep):
+        ids = tok(docs, add_special_tokens=False)["input_ids"]
+        flat = [t for doc in ids for t in (*doc, *sep)]
+        return torch.tensor(flat[: len(flat) // 32 * 32]).view(-1, 32)
+
+    nl = tuple(tok("\n\n", add_special_tokens=False)["input_ids"])
+    eos = (tok.convert_tokens_to_ids("<|endoftext|>"),)
+    edited = docs[:-1] + [docs[-1] + " and one more sentence"]
+    for d, sep, kw in [(docs, nl, {"separator": "\n\n"}), (docs, eos, {}), (edited, nl, {"separator": "\n\n"}),
+                       (docs, nl, {"separator": "\n\n"})]:
+        w = token_windows(tok, d, 32, seed=3, **kw)
+        want = fresh(d, sep)
+        assert sorted(map(tuple, w.tolist())) == sorted(map(tuple, want.tolist()))
+    assert len(corpus._JOINED[tok]) <= 2
+    kept = next(iter(corpus._JOINED[tok].values()))
+    with pytest.raises(ValueError):
+        kept[0] = 1
+
+
 def test_asking_for_more_windows_than_the_corpus_has_says_how_many(model):
     with pytest.raises(ValueError, match="has only"):
         token_windows(model.tokenizer, ["just a few words here"], 4, 1000)
