@@ -55,29 +55,43 @@ class MPConfig(SAEConfig):
             raise ValueError(f"k (pursuit steps) must be at least 1, got {self.k}")
 
 
-ARGMAX_BLOCK = 128  # row_max's block width; pursuit keeps its correlations padded to a multiple of it
+ARGMAX_BLOCK = 128  # row_max's block width
 GRAM_BLOCKS = 3  # gram_into's row blocks: (b + 1) / (2b) of the full product's work
+GRAM_BLOCKS_FROM = 1024  # below this many atoms G is one product: the blocks would save nothing
 PURSUIT_BLOCK_BYTES = 1 << 22  # CPU: tokens are pursued in blocks whose correlations fill ~4 MiB
 
 
 def row_max(c: torch.Tensor, block: int = ARGMAX_BLOCK):
-    """``c.max(1)`` for c [B, n] with n a multiple of `block`: the same values and the same (first)
-    indices, taken as the maximum of per-block maxima. On CPU ``max(1)`` with indices walks each row
-    element by element, while ``amax`` over blocks is vectorised: ~5× faster at 1024 × 4608."""
+    """``c.max(1)`` for c [B, n]: the same values and the same (first) indices, taken as the maximum of
+    per-block maxima (a last, shorter block holds the n mod `block` tail). On CPU ``max(1)`` with
+    indices walks each row element by element, while ``amax`` over blocks is vectorised: ~5× faster
+    at 1024 × 4608. `c` itself is only read, so the caller keeps it contiguous for its arithmetic."""
     B, n = c.shape
-    if n % block:
-        raise ValueError(f"row_max needs a width that is a multiple of {block}, got {n}")
-    cb = c.view(B, n // block, block)
-    tops = cb.amax(2)  # [B, n/block]
+    m = n - n % block  # the columns in whole blocks
+    if m == 0:
+        return c.max(1)
+    cb = c[:, :m].view(B, m // block, block)
+    tops = cb.amax(2)  # [B, m/block]
+    if m < n:
+        tops = torch.cat([tops, c[:, m:].amax(1, keepdim=True)], 1)
     blk = tops.argmax(1)  # the first block holding the row's maximum
-    inner = cb[torch.arange(B, device=c.device), blk].argmax(1)  # its first position there
-    return tops.gather(1, blk[:, None]).squeeze(1), blk * block + inner
+    rows = torch.arange(B, device=c.device)
+    inner = cb[rows, blk.clamp_max(m // block - 1)].argmax(1)  # its first position there
+    j = blk * block + inner
+    if m < n:
+        j = torch.where(blk == m // block, m + c[:, m:].argmax(1), j)
+    return tops.gather(1, blk[:, None]).squeeze(1), j
 
 
 def gram_into(W: torch.Tensor, out: torch.Tensor, blocks: int = GRAM_BLOCKS) -> torch.Tensor:
-    """``out = W Wᵀ`` (W [n, d]), multiplying only the blocks on and above the diagonal and mirroring
-    the rest: 2/3 of the full product's work at the default 3 blocks, and an exactly symmetric G."""
+    """``out = W Wᵀ`` (W [n, d]). From `GRAM_BLOCKS_FROM` atoms on, only the blocks on and above the
+    diagonal are multiplied and the rest mirrored: 2/3 of the full product's work at the default 3
+    blocks, and an exactly symmetric G. One product's G is symmetric only up to its last bits where
+    the BLAS sums (i, j) and (j, i) in different orders, so the two agree to rounding, not always bit
+    for bit (they did on every trained SAE of the kit's lab runs)."""
     n = W.shape[0]
+    if n < GRAM_BLOCKS_FROM:
+        return torch.mm(W, W.t(), out=out)
     edges = [round(i * n / blocks) for i in range(blocks + 1)]
     for a, b in zip(edges[:-1], edges[1:]):
         torch.mm(W[a:b], W[a:].t(), out=out[a:b, a:])
@@ -183,37 +197,34 @@ class MatchingPursuitSAE(SAE):
         D = self.W_dec.detach()
         G = self.gram()
         B, n = r0.shape[0], D.shape[0]
-        width = -(-n // ARGMAX_BLOCK) * ARGMAX_BLOCK  # row_max's blocks; the padding stays at −inf
-        padded = torch.full((B, width), float("-inf"), dtype=r0.dtype, device=r0.device) if width > n else None
-        c = r0 @ D.t() if padded is None else padded[:, :n].copy_(r0 @ D.t())  # [B, d_sae] correlations
-        whole = c if padded is None else padded
+        c = r0 @ D.t()  # [B, d_sae] correlations with the residual
         norm2 = r0.pow(2).sum(1)
         idx = torch.empty(B, steps, dtype=torch.long, device=c.device)
         vals = torch.zeros(B, steps, dtype=c.dtype, device=c.device)
-        per = B if c.device.type != "cpu" else max(1, PURSUIT_BLOCK_BYTES // (width * c.element_size()))
+        per = B  # tokens per block: on CPU about PURSUIT_BLOCK_BYTES of correlations, in multiples of 64
+        if c.device.type == "cpu":  # tokens, so each block's b×d_sae updates split into whole vectors
+            per = max(64, PURSUIT_BLOCK_BYTES // (n * c.element_size()) // 64 * 64)
         rows = torch.empty(min(B, per), n, dtype=c.dtype, device=c.device)  # G's chosen rows, reused
         hidden = []  # dropout's hidden atoms of each step, drawn once for all blocks
-        ran = [self._pursue_block(whole[a:a + per], n, G, idx[a:a + per], vals[a:a + per], norm2[a:a + per],
+        ran = [self._pursue_block(c[a:a + per], G, idx[a:a + per], vals[a:a + per], norm2[a:a + per],
                                   threshold, dropout, hidden, rows) for a in range(0, B, per)]
         last = max(ran, default=steps)
         for a, t in zip(range(0, B, per), ran):  # a block whose tokens all stopped early keeps its last atom
             idx[a:a + per, t:last] = idx[a:a + per, t - 1:t]
         return idx[:, :last], vals[:, :last]
 
-    def _pursue_block(self, whole, n, G, idx, vals, norm2, threshold, dropout, hidden, rows) -> int:
-        """The pursuit's steps for one block of tokens, in place: `whole` [b, width] holds their
-        correlations (padded with −inf past the n atoms); returns the number of steps it ran."""
-        c, rows = whole[:, :n], rows[:len(whole)]
-        active = torch.ones(len(whole), dtype=torch.bool, device=c.device)
+    def _pursue_block(self, c, G, idx, vals, norm2, threshold, dropout, hidden, rows) -> int:
+        """The pursuit's steps for one block of tokens, in place: `c` [b, d_sae] holds their
+        correlations (contiguous rows); returns the number of steps it ran."""
+        rows = rows[:len(c)]
+        active = torch.ones(len(c), dtype=torch.bool, device=c.device)
         steps = idx.shape[1]
         for t in range(steps):
-            cm = whole
+            cm = c
             if dropout > 0:
                 if len(hidden) == t:
-                    mask = torch.zeros(whole.shape[1], dtype=torch.bool)
-                    mask[:n] = torch.rand(n, generator=self._gen) < dropout
-                    hidden.append(mask.to(c.device))
-                cm = whole.masked_fill(hidden[t], float("-inf"))
+                    hidden.append((torch.rand(c.shape[1], generator=self._gen) < dropout).to(c.device))
+                cm = c.masked_fill(hidden[t], float("-inf"))
             v, j = row_max(cm)
             v = v.clamp_min(0) * active
             idx[:, t], vals[:, t] = j, v
