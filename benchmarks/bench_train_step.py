@@ -221,7 +221,8 @@ def section_saelens(a, results):
             contender, dead = ("floor", 0.0) if name == "floor" else (
                 ("kit_topk" if name.startswith("kit") else "saelens_topk"), DEAD_SHARE if "dead" in tag else 0.0)
             rss = peak_rss_mb(contender, a, batch, dead) if a.rss else float("nan")
-            rows.append((name, f"{1000 * statistics.median(ts):.0f}", f"{vs_sl:.2f}x", f"{100 * vs_floor:.0f}%",
+            rows.append((name, f"{1000 * statistics.median(ts):.0f}", "" if name == "floor" else f"{vs_sl:.2f}x",
+                         f"{100 * vs_floor:.0f}%",
                          f"{rss:.0f}"))
             results[f"b{batch} {name}"] = {"ms": 1000 * statistics.median(ts), "vs_saelens": vs_sl,
                                            "vs_floor": vs_floor, "peak_rss_mb": rss}
