@@ -81,6 +81,17 @@ def test_training_and_inference_pursuits_equal_the_plain_algorithm_as_the_decode
             sae.W_dec.add_(0.3 * torch.randn(sae.W_dec.shape, generator=rng))  # a decoder step
 
 
+def test_two_sae_training_in_turn_share_the_gram_buffer_safely(rng):
+    """Training-mode G lives in one buffer for the process: two dictionaries of different widths,
+    used in turn, must each see their own G."""
+    a, b = mp_sae(16, 40, k=4, seed=1), mp_sae(16, 56, k=4, seed=2)
+    x = torch.randn(30, 16, generator=rng)
+    for sae in (a, b, a, b):
+        sae.train()
+        z = sae.encode(x).detach()
+        assert torch.allclose(z.double(), plain_pursuit(x, sae.W_dec.detach(), sae.b_dec.detach(), 4), atol=1e-4)
+
+
 @pytest.mark.parametrize("threshold,dropout", [(0.0, 0.0), (0.0, 0.5), (1.0, 0.0), (1.0, 0.5)])
 def test_pursuit_in_token_blocks_equals_one_block(threshold, dropout, monkeypatch, rng):
     """Blocks of tokens that stop at different steps (the threshold) and share dropout's masks give

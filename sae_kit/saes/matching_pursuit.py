@@ -59,6 +59,7 @@ ARGMAX_BLOCK = 128  # row_max's block width
 GRAM_BLOCKS = 3  # gram_into's row blocks: (b + 1) / (2b) of the full product's work
 GRAM_BLOCKS_FROM = 1024  # below this many atoms G is one product: the blocks would save nothing
 PURSUIT_BLOCK_BYTES = 1 << 22  # CPU: tokens are pursued in blocks whose correlations fill ~4 MiB
+_TRAINING_GRAM = [None]  # the training-mode G's buffer, one for the process (`MatchingPursuitSAE.gram`)
 
 
 def row_max(c: torch.Tensor, block: int = ARGMAX_BLOCK):
@@ -88,7 +89,7 @@ def gram_into(W: torch.Tensor, out: torch.Tensor, blocks: int = GRAM_BLOCKS) -> 
     diagonal are multiplied and the rest mirrored: 2/3 of the full product's work at the default 3
     blocks, and an exactly symmetric G. One product's G is symmetric only up to its last bits where
     the BLAS sums (i, j) and (j, i) in different orders, so the two agree to rounding, not always bit
-    for bit (they did on every trained SAE of the kit's lab runs)."""
+    for bit (they did on all 16 of the kit's cached lab MP SAEs, at 1 and 2 threads)."""
     n = W.shape[0]
     if n < GRAM_BLOCKS_FROM:
         return torch.mm(W, W.t(), out=out)
@@ -155,7 +156,6 @@ class MatchingPursuitSAE(SAE):
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long, device=device))
         self._gen = torch.Generator().manual_seed(seed + 1)
         self._gram = None  # (W_dec version, G) cached for inference
-        self._gram_buf = None  # G's buffer in training, rewritten every step
 
     @property
     def W_enc(self) -> torch.Tensor:
@@ -169,19 +169,19 @@ class MatchingPursuitSAE(SAE):
     # ---- the pursuit -------------------------------------------------------------------------
     def gram(self) -> torch.Tensor:
         """G = D Dᵀ, cached between calls while the decoder is unchanged. In training the decoder
-        changes every step: G is recomputed each call, into the same buffer (a fresh d_sae² tensor
-        per step costs its page faults too), so it is only valid until the next call."""
+        changes every step: G is recomputed each call into one buffer shared by the process (a fresh
+        d_sae² tensor per step costs its page faults too, and a buffer per SAE would keep 85 MB alive
+        in every trained lab SAE), so it is only valid until the next training-mode call."""
         W = self.W_dec.detach()
         n = W.shape[0]
         if self.training:
-            buf = self._gram_buf
+            buf = _TRAINING_GRAM[0]
             if buf is None or buf.shape != (n, n) or buf.dtype != W.dtype or buf.device != W.device:
-                buf = self._gram_buf = torch.empty(n, n, dtype=W.dtype, device=W.device)
+                buf = _TRAINING_GRAM[0] = torch.empty(n, n, dtype=W.dtype, device=W.device)
             self._gram = None
             return gram_into(W, buf)
         key = (W.data_ptr(), self.W_dec._version)
         if self._gram is None or self._gram[0] != key:
-            self._gram_buf = None
             self._gram = (key, gram_into(W, torch.empty(n, n, dtype=W.dtype, device=W.device)))
         return self._gram[1]
 
