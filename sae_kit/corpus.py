@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .fsutil import replace_dir, temp_sibling
+
 _SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "__pycache__", "turtledemo", "ensurepip"}
 
 
@@ -216,8 +218,6 @@ def export(folder: str | Path, docs: list[str] | None = None) -> Path:
     """Write a corpus (default: this Python's standard-library documentation) as one numbered
     ``.txt`` file per document, so that `load_texts(folder)` gives the same documents in the same
     order, and a store harvested from it the same windows, on any machine."""
-    from .fsutil import replace_dir, temp_sibling
-
     docs = stdlib_docs() if docs is None else docs
     out = Path(folder)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..validate import real
@@ -120,8 +121,6 @@ def fit_zipf(density: torch.Tensor, bs=(0.0, 1.0, 3.0, 10.0, 30.0, 100.0), head:
     Returns:
         dict with alpha, b, c, r2 and n (features fitted).
     """
-    import numpy as np
-
     d = np.sort(density[density > 0].double().cpu().numpy())[::-1]
     d = d[: max(3, int(head * len(d)))]
     if len(d) < 3:
