@@ -10,13 +10,14 @@ is what a comparison uses unless it names a mode.
 
 Given an ``eval_key`` (`digest` of everything the evaluation reads besides the SAE), `run_sweep`
 also keeps each SAE's evaluation rows in the kit's cache, keyed by that digest, the SAE's class,
-config and weights, and the kit's own source code: a notebook run again on a warm cache reads them
+config and weights, and the kit's own code: a notebook run again on a warm cache reads them
 back instead of evaluating every dictionary again, and any change to the data, the dictionary or
 the kit's code evaluates afresh.
 """
 
 from __future__ import annotations
 
+import ast
 import functools
 import hashlib
 import json
@@ -112,14 +113,36 @@ def digest(*parts) -> str:
 
 @functools.lru_cache(maxsize=1)
 def kit_code_digest() -> str:
-    """A hash of the kit's own source files: cached evaluations are keyed by it, so a change to any
-    metric (or anything else in the kit) never serves numbers the current code would not give."""
+    """A hash of the kit's own code: cached evaluations are keyed by it, so a change to any metric
+    (or anything else in the kit) never serves numbers the current code would not give.
+
+    It hashes each module's syntax tree without its docstrings (`code_fingerprint`), so an edit to
+    a comment, a docstring or a line break does not throw away every cached evaluation (in notebook
+    01 at `lab`, half an hour of work), while any change to what the code does still does."""
+    return code_digest(Path(__file__).resolve().parent)
+
+
+def code_digest(root: Path) -> str:
+    """A hash of every ``*.py`` file under `root`: its path and its `code_fingerprint`."""
     h = hashlib.sha256()
-    root = Path(__file__).resolve().parent
     for path in sorted(root.rglob("*.py")):
         h.update(str(path.relative_to(root)).encode())
-        h.update(path.read_bytes())
+        h.update(code_fingerprint(path.read_text(encoding="utf-8")).encode())
     return h.hexdigest()[:20]
+
+
+def code_fingerprint(source: str) -> str:
+    """The Python code in `source` as text that ignores comments, docstrings and layout: its syntax
+    tree (`ast.dump`, no line numbers) with each module's, class's and function's docstring removed.
+    Every other string constant, name and operator counts."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree, include_attributes=False)
 
 
 def _json_rows(rows) -> str | None:

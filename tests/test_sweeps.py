@@ -155,3 +155,34 @@ def test_digest_follows_every_value_and_refuses_what_it_cannot_hash():
     assert sweeps.digest(0.9111477986708507) != sweeps.digest(0.91114779867)
     with pytest.raises(TypeError, match="cannot hash a object"):
         sweeps.digest(object())
+
+
+def test_code_fingerprint_ignores_comments_docstrings_and_layout_but_not_code():
+    base = 'def f(x):\n    """Doc."""\n    return x + 1  # add\n'
+    same = ['"""Module doc."""\ndef f(x):\n    return x + 1\n',
+            'def f(x):\n    """Another doc,\n    two lines."""\n\n    return (x\n            + 1)\n']
+    for src in same:
+        assert sweeps.code_fingerprint(src) == sweeps.code_fingerprint(base), src
+    other = ['def f(x):\n    return x + 2\n', 'def f(x):\n    return x - 1\n', 'def f(y):\n    return y + 1\n',
+             'def f(x):\n    "Doc."\n    s = "a string that is not a docstring"\n    return x + 1\n']
+    for src in other:
+        assert sweeps.code_fingerprint(src) != sweeps.code_fingerprint(base), src
+    # a body that is only a docstring becomes `pass`, still a valid tree
+    assert sweeps.code_fingerprint('class A:\n    """Doc."""\n') == sweeps.code_fingerprint('class A:\n    pass\n')
+
+
+def test_code_digest_follows_code_files_and_names_not_docs(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.py").write_text('"""A."""\nX = 1\n')
+    (tmp_path / "sub" / "b.py").write_text("def g():\n    return 2\n")
+    first = sweeps.code_digest(tmp_path)
+    (tmp_path / "a.py").write_text('"""A, better explained."""\n# a comment\nX = 1\n')
+    (tmp_path / "notes.md").write_text("not code")
+    assert sweeps.code_digest(tmp_path) == first
+    for change in (lambda: (tmp_path / "sub" / "b.py").write_text("def g():\n    return 3\n"),
+                   lambda: (tmp_path / "c.py").write_text("Y = 0\n"),
+                   lambda: (tmp_path / "a.py").rename(tmp_path / "a2.py")):
+        change()
+        assert sweeps.code_digest(tmp_path) != first
+        first = sweeps.code_digest(tmp_path)
+    assert len(sweeps.kit_code_digest()) == 20

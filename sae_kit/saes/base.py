@@ -225,8 +225,29 @@ def sparse_decode(code: SparseCode, W_dec: torch.Tensor) -> torch.Tensor:
 def fvu_loss(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     """Σ‖x − x̂‖² / Σ‖x − x̄‖² over the batch (Gao et al.'s normalised MSE), as a differentiable tensor.
 
-    The training loss; `sae_kit.metrics.fvu` is the same quantity as a float64 number for reports."""
+    The training loss; `sae_kit.metrics.fvu` is the same quantity as a float64 number for reports.
+    When only x̂ carries a gradient (training: x is data), the backward is one pass (`_FVU`)."""
+    if x_hat.requires_grad and not x.requires_grad and torch.is_grad_enabled():
+        return _FVU.apply(x, x_hat)
     return (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+
+
+class _FVU(torch.autograd.Function):
+    """`fvu_loss` for data x and a reconstruction x̂ that needs a gradient: ∂/∂x̂ = −2(x − x̂)·g/den
+    in one pass over the batch, where autograd's chain (pow, sum, sub) makes three. Bit-identical
+    to that chain: it computes −(g/den · 2d), and doubling is exact in floating point."""
+
+    @staticmethod
+    def forward(ctx, x, x_hat):
+        d = x - x_hat
+        den = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+        ctx.save_for_backward(d, den)
+        return d.pow(2).sum() / den
+
+    @staticmethod
+    def backward(ctx, g):
+        d, den = ctx.saved_tensors
+        return None, d * (-2 * (g / den))
 
 
 class Selection(NamedTuple):
@@ -458,9 +479,15 @@ class SAE(nn.Module):
     @torch.no_grad()
     def project_decoder_grad(self) -> None:
         """Remove the gradient component parallel to each atom (keeps the step on the sphere)."""
-        if self.W_dec.grad is not None:  # in place, no B-sized temporaries
-            g = self.W_dec.grad
-            g.addcmul_(torch.linalg.vecdot(g, self.W_dec)[:, None], self.W_dec, value=-1)
+        if self.W_dec.grad is None:
+            return
+        g, W = self.W_dec.grad, self.W_dec.detach()
+        # in place; on CPU in blocks of atoms, so each block's product stays in cache for the update
+        # (each atom's own dot product and update: the result does not depend on the block)
+        step = 512 if g.device.type == "cpu" else len(g)
+        for s in range(0, len(g), step):
+            gb, wb = g[s:s + step], W[s:s + step]
+            gb.addcmul_(torch.linalg.vecdot(gb, wb)[:, None], wb, value=-1)
 
     folds_input_scale = True  # False where the selection is not positive-homogeneous in x (g-SAE)
 
