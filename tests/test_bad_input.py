@@ -420,3 +420,20 @@ def test_rerunning_an_interrupted_training_resumes_the_same_object(tmp_path):
     ref = sae_kit.train(fresh, x, **{**kw, "checkpoint": tmp_path / "other.ckpt"})
     assert hist.fvu == ref.fvu and hist.step == list(range(60))
     assert torch.equal(sae.W_dec, fresh.W_dec) and torch.equal(sae.W_enc, fresh.W_enc)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_all_finite_agrees_with_isfinite_everywhere(dtype):
+    from sae_kit.validate import all_finite
+
+    big = torch.finfo(dtype).max
+    x = torch.randn(37, 11).to(dtype)
+    assert all_finite(x) and all_finite(x.t()) and all_finite(torch.full((3, 2), big, dtype=dtype))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for pos in ((0, 0), (36, 10), (17, 4)):
+            y = x.clone()
+            y[pos] = bad
+            assert not all_finite(y) and not all_finite(y.t()), (bad, pos)
+    y = x.clone()
+    y[3, 3], y[9, 9] = float("inf"), -float("inf")  # both ends at once
+    assert not all_finite(y)
