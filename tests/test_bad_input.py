@@ -437,3 +437,13 @@ def test_all_finite_agrees_with_isfinite_everywhere(dtype):
     y = x.clone()
     y[3, 3], y[9, 9] = float("inf"), -float("inf")  # both ends at once
     assert not all_finite(y)
+
+
+def test_all_finite_falls_back_where_aminmax_is_missing(monkeypatch):
+    from sae_kit.validate import all_finite
+
+    def missing(*a, **k):
+        raise NotImplementedError("aminmax is not implemented for this device")
+
+    monkeypatch.setattr(torch, "aminmax", missing)
+    assert all_finite(torch.ones(3, 2)) and not all_finite(torch.tensor([[1.0, float("nan")]]))

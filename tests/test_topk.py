@@ -50,6 +50,15 @@ def test_fvu_loss_backward_is_autograds_bit_for_bit(rng, scale):
     assert torch.equal(ours, ref) and torch.equal(g_ours, x_hat.grad)
 
 
+def test_fvu_loss_refuses_a_second_derivative_rather_than_a_wrong_one(rng):
+    x = torch.randn(20, 4, generator=rng)
+    x_hat = torch.randn(20, 4, generator=rng).requires_grad_()
+    w = torch.tensor(2.0, requires_grad=True)  # the gradient depends on w, and on x̂ through d
+    (g,) = torch.autograd.grad(w * fvu_loss(x, x_hat), x_hat, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        g.sum().backward()  # a plain backward would give ∂/∂w and silently drop ∂/∂x̂
+
+
 def test_fvu_loss_with_x_needing_a_gradient_differentiates_x_too(rng):
     x = (torch.randn(40, 6, generator=rng) + 2).requires_grad_()
     x_hat = torch.randn(40, 6, generator=rng).requires_grad_()

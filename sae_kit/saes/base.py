@@ -32,6 +32,7 @@ from typing import ClassVar, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from ..validate import activations as _valid_activations
 from ..validate import integer, real
@@ -245,6 +246,7 @@ class _FVU(torch.autograd.Function):
         return d.pow(2).sum() / den
 
     @staticmethod
+    @once_differentiable  # a second derivative through it raises instead of coming out wrong
     def backward(ctx, g):
         d, den = ctx.saved_tensors
         return None, d * (-2 * (g / den))
