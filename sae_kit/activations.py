@@ -282,7 +282,7 @@ _RESIDENT_DEVICES = ("cuda",)  # where `batches` keeps a split on the device ins
 
 def _to_tensor(a: np.ndarray, device, what: str = "store data") -> torch.Tensor:
     t = torch.from_numpy(np.array(a, dtype=np.float32))  # a copy: memmaps are read-only
-    if t.numel() and not all_finite(t):
+    if not all_finite(t):
         raise StoreCorruptError(f"NaN/Inf in {what}: the store's data is damaged{_REPAIR}")
     return t.to(device) if device is not None else t
 
@@ -460,7 +460,7 @@ def _harvest_locked(model, spec: StoreSpec, final: Path, part: Path, layer: int,
             toks = windows[w0:w0 + batch_windows].to(model.cfg.device)
             a, g = _forward(model, toks, hook, layer, with_grads)
             a = a[:, sl].reshape(-1, spec.d_in)
-            if a.numel() and not all_finite(a):
+            if not all_finite(a):
                 raise FloatingPointError(f"NaN/Inf in activations at {hook} for windows {w0}-{w0 + len(toks) - 1}; "
                                          f"the model's weights or dtype ({model.cfg.dtype}) are broken")
             t_sl = slice(w0 * per_window, (w0 + len(toks)) * per_window)

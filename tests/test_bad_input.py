@@ -429,6 +429,7 @@ def test_all_finite_agrees_with_isfinite_everywhere(dtype):
     big = torch.finfo(dtype).max
     x = torch.randn(37, 11).to(dtype)
     assert all_finite(x) and all_finite(x.t()) and all_finite(torch.full((3, 2), big, dtype=dtype))
+    assert all_finite(torch.empty(0, 11, dtype=dtype))  # as isfinite(...).all() on an empty tensor
     for bad in (float("nan"), float("inf"), -float("inf")):
         for pos in ((0, 0), (36, 10), (17, 4)):
             y = x.clone()

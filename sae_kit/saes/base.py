@@ -230,7 +230,13 @@ def fvu_loss(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     When only x̂ carries a gradient (training: x is data), the backward is one pass (`_FVU`)."""
     if x_hat.requires_grad and not x.requires_grad and torch.is_grad_enabled():
         return _FVU.apply(x, x_hat)
-    return (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+    d, den = _fvu_parts(x, x_hat)
+    return d.pow(2).sum() / den
+
+
+def _fvu_parts(x: torch.Tensor, x_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x − x̂, Σ‖x − x̄‖² clamped away from 0): the FVU's residual and denominator."""
+    return x - x_hat, (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
 
 
 class _FVU(torch.autograd.Function):
@@ -240,8 +246,7 @@ class _FVU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, x_hat):
-        d = x - x_hat
-        den = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+        d, den = _fvu_parts(x, x_hat)
         ctx.save_for_backward(d, den)
         return d.pow(2).sum() / den
 

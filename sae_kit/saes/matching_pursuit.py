@@ -201,8 +201,10 @@ class MatchingPursuitSAE(SAE):
         norm2 = r0.pow(2).sum(1)
         idx = torch.empty(B, steps, dtype=torch.long, device=c.device)
         vals = torch.zeros(B, steps, dtype=c.dtype, device=c.device)
-        per = B  # tokens per block: on CPU about PURSUIT_BLOCK_BYTES of correlations, in multiples of 64
-        if c.device.type == "cpu":  # tokens, so each block's b×d_sae updates split into whole vectors
+        # tokens per block: all of them off CPU; on CPU about PURSUIT_BLOCK_BYTES of correlations, in
+        # multiples of 64 tokens, so each block's b × d_sae updates split into whole vectors
+        per = B
+        if c.device.type == "cpu":
             per = max(64, PURSUIT_BLOCK_BYTES // (n * c.element_size()) // 64 * 64)
         rows = torch.empty(min(B, per), n, dtype=c.dtype, device=c.device)  # G's chosen rows, reused
         hidden = []  # dropout's hidden atoms of each step, drawn once for all blocks
