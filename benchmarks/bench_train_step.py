@@ -3,7 +3,9 @@
 Section 1 puts the kit's TopK step next to SAELens's own TopK training step (training_forward_pass,
 backward, grad-norm clip, Adam, as its SAETrainer runs it) on the same batches, with AuxK idle (no
 dead latents) and on (10% of latents dead), at two batch sizes. The "floor" row is the work any
-TopK step must do: the encoder GEMM (x − b_dec)·W_enc + b_enc and the per-token top-k.
+TopK step must do: the encoder GEMM (x − b_dec)·W_enc + b_enc and the per-token top-k, the top-k
+taken the kit's way (`row_topk`, the same result as ``torch.topk``); "floor, torch.topk" is the same
+work with ``torch.topk``, for what the top-k alone costs.
 Section 2 times every other dictionary against the kit's TopK (selection cost: auxiliary losses
 idle) on real layer-8 activations (`--data random` for Gaussian batches, which hide the batch
 rules' cost on the few high-norm tokens); section 3 the kit's matching pursuit against the textbook autograd pursuit; section 4 the
@@ -26,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from sae_kit.saes import choice_sae, fvu_loss, gradient_sae, mp_sae, topk_sae
+from sae_kit.saes import choice_sae, fvu_loss, gradient_sae, mp_sae, row_topk, topk_sae
 from sae_kit.activations import _forward
 from sae_kit.train import adam, train_step
 
@@ -86,13 +88,18 @@ def saelens_topk(a, x, dead):
     return step
 
 
-def floor(a, x, dead):
+def floor(a, x, dead, select=row_topk):
     """The encoder GEMM and the top-k: what every TopK step must compute, nothing else."""
     W, b = torch.randn(a.d_in, a.d_sae, device=DEVICE) / a.d_in ** 0.5, torch.zeros(a.d_sae, device=DEVICE)
 
     def step():
-        torch.addmm(b, x, W).topk(a.k, dim=-1)
+        select(torch.addmm(b, x, W), a.k)
     return step
+
+
+def floor_torch_topk(a, x, dead):
+    """The floor with ``torch.topk`` for the top-k."""
+    return floor(a, x, dead, lambda pre, k: pre.topk(k, dim=-1))
 
 
 def dense_topk(a, x, dead):
@@ -150,8 +157,8 @@ def textbook_mp(a, x, dead):
     return step
 
 
-CONTENDERS = {f.__name__: f for f in (kit_topk, saelens_topk, floor, dense_topk, kit_mc, kit_fc, kit_fc_zipf,
-                                      kit_gsae, kit_mp, textbook_mp)}
+CONTENDERS = {f.__name__: f for f in (kit_topk, saelens_topk, floor, floor_torch_topk, dense_topk, kit_mc, kit_fc,
+                                      kit_fc_zipf, kit_gsae, kit_mp, textbook_mp)}
 
 
 # ---- timing -----------------------------------------------------------------------------------
@@ -208,20 +215,20 @@ def section_saelens(a, results):
     for batch in a.batches:
         torch.manual_seed(0)
         x = torch.randn(batch, a.d_in, device=DEVICE) * 3
-        steps = {"floor": floor(a, x, 0)}
+        steps = {"floor": floor(a, x, 0), "floor, torch.topk": floor_torch_topk(a, x, 0)}
         for dead, tag in ((0.0, "aux idle"), (DEAD_SHARE, f"{DEAD_SHARE:.0%} dead, aux on")):
             steps[f"SAELens TopK, {tag}"] = saelens_topk(a, x, dead)
             steps[f"kit TopK, {tag}"] = kit_topk(a, x, dead)
         times = time_rounds(steps, a.rounds)
         rows = [("step", "ms/step", "vs SAELens (same aux)", "vs floor", "step memory MB")]
         for name, ts in times.items():
-            tag = name.split(", ", 1)[-1]
-            vs_sl = ratio(times, f"SAELens TopK, {tag}", name) if name != "floor" else float("nan")
+            tag, is_floor = name.split(", ", 1)[-1], name.startswith("floor")
+            vs_sl = float("nan") if is_floor else ratio(times, f"SAELens TopK, {tag}", name)
             vs_floor = ratio(times, "floor", name)
-            contender, dead = ("floor", 0.0) if name == "floor" else (
+            contender, dead = ("floor" if name == "floor" else "floor_torch_topk", 0.0) if is_floor else (
                 ("kit_topk" if name.startswith("kit") else "saelens_topk"), DEAD_SHARE if "dead" in tag else 0.0)
             rss = peak_rss_mb(contender, a, batch, dead) if a.rss else float("nan")
-            rows.append((name, f"{1000 * statistics.median(ts):.0f}", "" if name == "floor" else f"{vs_sl:.2f}x",
+            rows.append((name, f"{1000 * statistics.median(ts):.0f}", "" if is_floor else f"{vs_sl:.2f}x",
                          f"{100 * vs_floor:.0f}%",
                          f"{rss:.0f}"))
             results[f"b{batch} {name}"] = {"ms": 1000 * statistics.median(ts), "vs_saelens": vs_sl,

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from .claims import Claims, Verdict, beats_noise, interval, noise_text, share_noise, with_second
 from .config import Scale, bars_off, scale_name
 from .metrics import reconstruction_metrics
+from .saes.base import row_topk
 from .saes.gradient import NORMALISATIONS, gradient_factor
 from .splice import Splicer
 from .sweeps import decided_gap, each_mode, matched_l0_gap, pick, second_opinion, seed_noise
@@ -126,11 +127,11 @@ def selection_change(sae, x: torch.Tensor, g: torch.Tensor, betas=BETAS, normali
         xb, gb = x[i:i + batch_size].to(sae.device), g[i:i + batch_size].to(sae.device)
         z = sae.pre_acts(xb).clamp_min(0)
         alive = z > 0  # ties among zeros are not a change
-        plain = torch.zeros_like(alive).scatter_(1, z.topk(k, dim=1).indices, True) & alive
+        plain = torch.zeros_like(alive).scatter_(1, row_topk(z, k)[1], True) & alive
         for n, norm in enumerate(normalisations):
             a = gradient_factor(gb, sae.W_dec, norm)
             for b, beta in enumerate(betas):
-                kept = torch.zeros_like(plain).scatter_(1, (z * (1 + beta * a)).topk(k, dim=1).indices, True) & alive
+                kept = torch.zeros_like(plain).scatter_(1, row_topk(z * (1 + beta * a), k)[1], True) & alive
                 diff = (kept & ~plain).sum(1).float()
                 changed[n, b] += float(diff.sum()) / k
                 changed_any[n, b] += float((diff > 0).sum())

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import sae_kit
-from sae_kit.saes import TopKConfig, fvu_loss, geometric_median, topk_sae
+from sae_kit.saes import TopKConfig, fvu_loss, geometric_median, row_topk, topk_sae
+from sae_kit.saes import base as saes_base
 
 
 def dense_reference_loss(sae, x, k, k_aux):
@@ -99,6 +100,72 @@ def test_aux_pairs_skip_the_main_codes_pairs():
     rows, cols, ok = aux_pairs(pre, torch.tensor([False, True, True, False, False]), 2, main)
     assert ok.tolist() == [1, 0, 1, 0]
     assert cols[0] == 2 and cols[2] == 1
+
+
+def assert_same_topk(pre, k):
+    """row_topk's values and indices are torch.topk's, bit for bit and in the same order."""
+    ours, theirs = row_topk(pre, k), pre.topk(k, dim=1)
+    assert torch.equal(ours[1], theirs[1])
+    torch.testing.assert_close(ours[0], theirs[0], rtol=0, atol=0, equal_nan=True)  # NaN ≠ NaN for torch.equal
+
+
+@pytest.mark.parametrize("k", [1, 8, 32, 64, 128, 200])
+def test_row_topk_is_torch_topk_on_pre_activations(rng, k):
+    """The kit's shapes (B 256, d_sae 4608): the hierarchy runs (topk_levels has levels) and agrees."""
+    pre = torch.randn(256, 576, generator=rng) * 3 @ (torch.randn(576, 4608, generator=rng) / 24)
+    assert len(saes_base.topk_levels(4608, k)) > 1
+    assert_same_topk(pre, k)
+
+
+@pytest.mark.parametrize("values", ["integers", "eighths", "zeros"])
+def test_row_topk_hands_rows_with_ties_to_torch_topk(rng, values):
+    """Ties everywhere (small integers, values on a 1/8 grid, rows mostly 0 as after a ReLU): the order
+    among equal values is torch.topk's own, which only torch.topk knows."""
+    pre = {"integers": torch.randint(0, 30, (128, 4608), generator=rng).float(),
+           "eighths": (torch.randn(128, 4608, generator=rng) * 8).round() / 8,
+           "zeros": torch.randn(128, 4608, generator=rng).clamp_min(2.5)}[values]
+    assert_same_topk(pre, 32)
+
+
+def test_row_topk_without_its_tie_check_would_differ(rng, monkeypatch):
+    """The tie check is what keeps rows with equal values right: skipping it (a hierarchy that trusts
+    its own order among ties) gives other indices on tied data, so the test above can fail."""
+    pre = torch.randint(0, 30, (128, 4608), generator=rng).float()
+    real_any = torch.Tensor.any
+    monkeypatch.setattr(torch.Tensor, "any", lambda t, *a, **kw: real_any(t, *a, **kw) & False
+                        if t.dtype == torch.bool and t.dim() == 1 else real_any(t, *a, **kw))
+    ours = row_topk(pre, 32)
+    monkeypatch.undo()
+    assert not torch.equal(ours[1], pre.topk(32, dim=1).indices)
+
+
+def test_row_topk_nan_inf_and_signed_zero_rows(rng):
+    pre = torch.randn(96, 4608, generator=rng)
+    pre[3, 100] = float("nan")
+    pre[5, 7] = float("inf")
+    pre[6, :40] = float("-inf")
+    pre[7] = 0.0
+    pre[7, ::2] = -0.0
+    pre[8, :3] = float("nan")
+    assert_same_topk(pre, 16)
+
+
+@pytest.mark.parametrize("shape, k, dtype", [((1024, 4608), 32, torch.float64), ((100, 4610), 32, torch.float32),
+                                             ((32, 4608), 32, torch.float32), ((200, 96), 20, torch.float32),
+                                             ((0, 4608), 8, torch.float32)])
+def test_row_topk_other_shapes_and_dtypes(rng, shape, k, dtype):
+    """float64, a width the levels do not divide, a batch under TOPK_ROWS_FROM, rows too short for
+    levels, and an empty batch: the same answer as torch.topk (by the hierarchy or by torch.topk)."""
+    assert_same_topk(torch.randn(*shape, generator=rng).to(dtype), k)
+
+
+def test_row_topk_on_a_transposed_view_and_with_a_gradient(rng):
+    pre = torch.randn(4608, 256, generator=rng).t()  # not contiguous
+    assert_same_topk(pre, 32)
+    leaf = torch.randn(128, 4608, generator=rng, requires_grad=True)
+    vals, _ = row_topk(leaf, 8)
+    vals.sum().backward()  # torch.topk's own gradient: 1 at each kept entry
+    assert int(leaf.grad.sum()) == 128 * 8
 
 
 def test_topk_keeps_exactly_the_k_largest(rng):

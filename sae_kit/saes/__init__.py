@@ -4,7 +4,7 @@ Each dictionary is one file with its config dataclass and a shorthand builder; d
 registers it (`registry.REGISTRY`), which is how `load_sae` finds it again.
 """
 
-from .base import SAE, SAEConfig, Selection, SparseCode, fvu_loss, geometric_median, sparse_decode
+from .base import SAE, SAEConfig, Selection, SparseCode, fvu_loss, geometric_median, row_topk, sparse_decode
 from .io import load_sae, save_sae
 from .registry import REGISTRY
 from .topk import TopKConfig, TopKSAE, topk_sae

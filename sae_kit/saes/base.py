@@ -190,6 +190,65 @@ class SparseCode:
         return torch.bincount(self.cols[self.vals > 0], minlength=self.shape[1]) > 0
 
 
+TOPK_SPREAD = 4  # row_topk: units per unit of the next coarser level
+TOPK_ROWS_FROM = 64  # row_topk: fewer rows than this go straight to torch.topk (its overhead wins)
+
+
+def topk_levels(n: int, k: int, spread: int | None = None) -> list[int]:
+    """`row_topk`'s units per level, finest first (``[4608, 1152, 288, 72]`` for n = 4608, k = 32):
+    each level is `spread` times coarser while that divides and leaves ≥ 2(k + 1) units. Just `[n]`
+    (no levels: plain ``torch.topk``) when the rows are too short for the levels to pay, under
+    4·spread·(k + 1) elements (at n = 4608 that is k ≥ 288, where the two cost the same)."""
+    spread = spread or TOPK_SPREAD
+    sizes = [n]
+    if n < 4 * spread * (k + 1):
+        return sizes
+    while sizes[-1] % spread == 0 and sizes[-1] // spread >= 2 * (k + 1):
+        sizes.append(sizes[-1] // spread)
+    return sizes
+
+
+def row_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``pre.topk(k, dim=1)`` (values descending, indices) for pre [B, n], bit for bit the same, ties
+    included, and on CPU ~1.7× faster at the kit's shapes (B = 1024, n = 4608, k = 32: ~8 ms
+    against ~14 on 2 threads; `make bench`).
+
+    ``torch.topk`` runs a partial sort over every element of every row, one scalar at a time. Here
+    the row is split into units of a hierarchy (`topk_levels`): a unit of the next level holds
+    `TOPK_SPREAD` units of this one, and its maximum (a vectorised ``amax``) is the maximum of those.
+    From the coarsest level down, only the children of the k + 1 units with the largest maxima are
+    kept: every unit left out has a maximum no larger than the smallest of the kept ones, of which
+    there are k + 1, so the k + 1 largest elements of the row are among the ~4(k + 1) finally kept
+    (ties aside). When those k + 1 values are all distinct, the top k are the only possible answer,
+    in the only possible order, and so exactly what ``torch.topk`` returns; a row where two of them
+    are equal (or one is NaN) is handed to ``torch.topk`` itself, whose order among ties is its own.
+    Off CPU, for small batches, and where the levels would not narrow anything, it is ``torch.topk``.
+    """
+    B, n = pre.shape
+    sizes = topk_levels(n, k)
+    if (pre.device.type != "cpu" or len(sizes) < 2 or B < TOPK_ROWS_FROM or k < 1 or not pre.is_contiguous()
+            or (pre.requires_grad and torch.is_grad_enabled())):
+        return pre.topk(k, dim=1)
+    with torch.no_grad():
+        w = TOPK_SPREAD
+        maxes = [pre]  # unit u of level l + 1 holds units u + sizes[l + 1]·i, i < w, of level l
+        for m in sizes[1:]:
+            maxes.append(maxes[-1].view(B, w, m).amax(1))
+        kept = maxes[-1].topk(k + 1, dim=1, sorted=False).indices
+        spread = torch.arange(w, device=pre.device)
+        for level in range(len(sizes) - 2, -1, -1):
+            units = (kept[:, :, None] + sizes[level + 1] * spread).view(B, -1)  # the kept units' children
+            if level:
+                kept = units.gather(1, maxes[level].gather(1, units).topk(k + 1, dim=1, sorted=False).indices)
+        top, at = pre.gather(1, units).topk(k + 1, dim=1)
+        ties = (top[:, 1:] == top[:, :-1]).any(1) | torch.isnan(top).any(1)
+        vals, idx = top[:, :k].contiguous(), units.gather(1, at[:, :k])
+        if bool(ties.any()):
+            rows = ties.nonzero().flatten()
+            vals[rows], idx[rows] = pre[rows].topk(k, dim=1)
+    return vals, idx
+
+
 @torch.no_grad()
 def aux_choice(pre: torch.Tensor, eligible: torch.Tensor, k_aux: int, code: SparseCode | None = None):
     """(el, idx, ok): the eligible latents `el`, and per token the positions `idx` [B, k_aux] (into

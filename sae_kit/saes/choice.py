@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from ..validate import real
-from .base import SAE, SAEConfig, Selection
+from .base import SAE, SAEConfig, Selection, row_topk
 
 
 @dataclass
@@ -235,7 +235,7 @@ class MutualChoiceSAE(_ChoiceSAE):
     def _candidates(self, pre, k):
         """Each row's top 4k entries (values descending, indices) and the budget-th largest of them."""
         budget = k * pre.shape[0]
-        cand, idx = pre.topk(min(pre.shape[1], 4 * k), dim=1)  # [B, 4k]
+        cand, idx = row_topk(pre, min(pre.shape[1], 4 * k))  # [B, 4k]
         kth = cand.reshape(-1).kthvalue(cand.numel() - budget + 1).values
         return cand, idx, kth, budget
 
@@ -254,7 +254,7 @@ class MutualChoiceSAE(_ChoiceSAE):
         B, n = pre.shape
         budget = k * B
         c = min(n, max(k + 1, (3 * k) // 2))
-        low = pre.topk(c, dim=1).values.reshape(-1).kthvalue(B * c - budget + 1).values
+        low = row_topk(pre, c)[0].reshape(-1).kthvalue(B * c - budget + 1).values
         rows, cols = (pre >= low).nonzero(as_tuple=True)  # row-major, holds every kept pair
         vals = pre[rows, cols]
         kth = vals.kthvalue(vals.numel() - budget + 1).values

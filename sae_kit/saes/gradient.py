@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from ..validate import real
-from .base import Selection
+from .base import Selection, row_topk
 from .topk import TopKConfig, TopKSAE
 
 NORMALISATIONS = ("token", "batch", "raw")  # how |d_i · g| is scaled before β (see the module doc)
@@ -95,7 +95,7 @@ class GradientSAE(TopKSAE):
         if not use_g or self.cfg.beta == 0:
             return super().select(pre, k=k)
         k = self._budget(k)
-        idx = self.selection_score(pre, g).topk(k, dim=-1).indices
+        idx = row_topk(self.selection_score(pre, g), k)[1]
         rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(k)
         return Selection(rows, idx.reshape(-1))
 

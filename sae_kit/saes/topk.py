@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import SAE, SAEConfig, Selection
+from .base import SAE, SAEConfig, Selection, row_topk
 
 
 @dataclass
@@ -32,7 +32,7 @@ class TopKSAE(SAE):
 
     def select(self, pre, g=None, k=None):
         k = self._budget(k)
-        idx = pre.topk(k, dim=-1).indices  # [B, k]
+        idx = row_topk(pre, k)[1]  # [B, k], as pre.topk(k) has them
         rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(k)
         return Selection(rows, idx.reshape(-1))
 
