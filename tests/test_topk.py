@@ -117,13 +117,13 @@ def test_row_topk_is_torch_topk_on_pre_activations(rng, k):
     assert_same_topk(pre, k)
 
 
-@pytest.mark.parametrize("values", ["integers", "eighths", "zeros"])
+@pytest.mark.parametrize("values", ["integers", "eighths", "floor"])
 def test_row_topk_hands_rows_with_ties_to_torch_topk(rng, values):
-    """Ties everywhere (small integers, values on a 1/8 grid, rows mostly 0 as after a ReLU): the order
-    among equal values is torch.topk's own, which only torch.topk knows."""
+    """Ties everywhere (small integers, values on a 1/8 grid, rows where only ~28 entries rise above a
+    floor the rest sit on, as after a ReLU): the order among equal values is torch.topk's own."""
     pre = {"integers": torch.randint(0, 30, (128, 4608), generator=rng).float(),
            "eighths": (torch.randn(128, 4608, generator=rng) * 8).round() / 8,
-           "zeros": torch.randn(128, 4608, generator=rng).clamp_min(2.5)}[values]
+           "floor": torch.randn(128, 4608, generator=rng).clamp_min(2.5)}[values]
     assert_same_topk(pre, 32)
 
 
@@ -139,6 +139,33 @@ def test_row_topk_without_its_tie_check_would_differ(rng, monkeypatch):
     assert not torch.equal(ours[1], pre.topk(32, dim=1).indices)
 
 
+def test_row_topk_answers_distinct_rows_itself(rng, monkeypatch):
+    """On tie-free pre-activations no row is handed to torch.topk over the whole row (the speed-up
+    is real): torch.topk only ever sees the narrowed rows."""
+    pre = torch.randn(256, 576, generator=rng) @ (torch.randn(576, 4608, generator=rng) / 24)
+    widths, real_topk = [], torch.Tensor.topk
+    monkeypatch.setattr(torch.Tensor, "topk", lambda t, *a, **kw: widths.append(t.shape[-1]) or real_topk(t, *a, **kw))
+    row_topk(pre, 32)
+    monkeypatch.undo()
+    assert widths and max(widths) < 4608 // 8
+    assert_same_topk(pre, 32)
+
+
+def test_row_topk_when_the_largest_values_crowd_one_unit(rng):
+    """The k + 1 largest values all in the descendants of one coarsest unit (columns ≡ u mod 72 at
+    n = 4608, k = 16), and a row whose k-th and (k + 1)-th values are equal with the (k + 1)-th
+    alone in its coarsest unit (levels keeping only k units could drop it and miss the tie)."""
+    k, n = 16, 4608
+    coarsest = saes_base.topk_levels(n, k)[-1]
+    pre = torch.randn(96, n, generator=rng)
+    crowd = torch.arange(5, n, coarsest)[:k + 1]  # one coarsest unit's columns
+    pre[:48, crowd] = 10 + torch.rand(48, k + 1, generator=rng)
+    top = 10 + torch.rand(48, k, generator=rng)
+    pre[48:, crowd[:k]] = top
+    pre[48:, 7] = top.min(1).values  # the k-th value again, in another coarsest unit
+    assert_same_topk(pre, k)
+
+
 def test_row_topk_nan_inf_and_signed_zero_rows(rng):
     pre = torch.randn(96, 4608, generator=rng)
     pre[3, 100] = float("nan")
@@ -150,17 +177,23 @@ def test_row_topk_nan_inf_and_signed_zero_rows(rng):
     assert_same_topk(pre, 16)
 
 
-@pytest.mark.parametrize("shape, k, dtype", [((1024, 4608), 32, torch.float64), ((100, 4610), 32, torch.float32),
-                                             ((32, 4608), 32, torch.float32), ((200, 96), 20, torch.float32),
-                                             ((0, 4608), 8, torch.float32)])
-def test_row_topk_other_shapes_and_dtypes(rng, shape, k, dtype):
-    """float64, a width the levels do not divide, a batch under TOPK_ROWS_FROM, rows too short for
-    levels, and an empty batch: the same answer as torch.topk (by the hierarchy or by torch.topk)."""
-    assert_same_topk(torch.randn(*shape, generator=rng).to(dtype), k)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16, torch.int32, torch.int64])
+def test_row_topk_levels_in_other_dtypes(rng, dtype):
+    x = torch.randn(128, 4608, generator=rng) * 1000
+    assert_same_topk(x.to(dtype), 32)
+
+
+@pytest.mark.parametrize("shape, k", [((64, 16 * 33), 32), ((100, 4610), 32), ((32, 4608), 32), ((200, 96), 20),
+                                      ((0, 4608), 8)])
+def test_row_topk_at_the_edges_of_the_levels(rng, shape, k):
+    """The narrowest rows the levels run on (16·(k + 1) columns), and where they do not: a width they
+    do not divide, a batch under TOPK_ROWS_FROM, rows too short, an empty batch (torch.topk itself)."""
+    assert_same_topk(torch.randn(*shape, generator=rng), k)
 
 
 def test_row_topk_on_a_transposed_view_and_with_a_gradient(rng):
-    pre = torch.randn(4608, 256, generator=rng).t()  # not contiguous
+    """Not contiguous, or recording a gradient: torch.topk, so autograd sees its usual gradient."""
+    pre = torch.randn(4608, 256, generator=rng).t()
     assert_same_topk(pre, 32)
     leaf = torch.randn(128, 4608, generator=rng, requires_grad=True)
     vals, _ = row_topk(leaf, 8)
