@@ -30,6 +30,7 @@ import torch
 
 from sae_kit.saes import choice_sae, fvu_loss, gradient_sae, mp_sae, row_topk, topk_sae
 from sae_kit.activations import _forward
+from sae_kit.config import cpu_name
 from sae_kit.train import adam, train_step
 
 DEAD_SHARE = 0.10
@@ -42,17 +43,6 @@ def where() -> str:
     if DEVICE.type == "cuda":
         return f"{torch.cuda.get_device_name(DEVICE)}"
     return f"{torch.get_num_threads()} threads of {cpu_name()}"
-
-
-def cpu_name() -> str:
-    """The processor's model name (Linux /proc/cpuinfo), else the platform's."""
-    import platform
-
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def sync():

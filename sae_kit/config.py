@@ -91,6 +91,20 @@ def get_device(device: str | torch.device | None = None) -> torch.device:
     return device
 
 
+def cpu_name() -> str:
+    """The processor's model name (Linux /proc/cpuinfo, else the platform's): speed ratios, and the
+    last digits of trained results, move with it (BLAS kernels differ between processor families)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
+        info = {key.strip(): value.strip() for key, value in info.items()}
+        return f"{info['model name']}, family {info.get('cpu family', '?')} model {info.get('model', '?')}"
+    except (OSError, KeyError, ValueError):
+        return platform.processor() or platform.machine()
+
+
 def bars_off(progress: bool = True) -> bool:
     """tqdm's `disable`: off when `progress` is false or ``TQDM_DISABLE=1`` (CI sets it: under nbval,
     thousands of widget-bar updates can flood the kernel's output channel)."""

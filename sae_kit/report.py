@@ -30,6 +30,8 @@ def provenance() -> dict:
 
     import torch
 
+    from .config import cpu_name
+
     try:
         here = Path(__file__).resolve().parent
         commit = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -42,7 +44,7 @@ def provenance() -> dict:
         commit = "unknown"
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": commit,
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__} with "
+            "machine": f"{platform.machine()} ({cpu_name()}), {os.cpu_count()} CPU cores, torch {torch.__version__} with "
                        f"{os.environ.get('OMP_NUM_THREADS') or torch.get_num_threads()} threads, {gpu}"}
 
 

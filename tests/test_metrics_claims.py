@@ -93,8 +93,11 @@ def test_a_run_record_says_whether_the_cache_was_cold(tmp_path, monkeypatch):
 def test_provenance_names_the_commit_and_machine():
     from sae_kit.report import provenance
 
+    from sae_kit.config import cpu_name
+
     p = provenance()
     assert p["commit"] and "CPU cores" in p["machine"] and p["date"].endswith("UTC")
+    assert cpu_name() in p["machine"] and cpu_name()  # the processor: results' last digits depend on it
 
 
 def test_cached_splicer_matches_a_plain_full_forward(model, small_store):
