@@ -210,8 +210,8 @@ def topk_levels(n: int, k: int, spread: int | None = None) -> list[int]:
 
 def row_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``pre.topk(k, dim=1)`` (values descending, indices) for pre [B, n], bit for bit the same, ties
-    included, and on CPU ~1.7× faster at the kit's shapes (B = 1024, n = 4608, k = 32: ~8 ms
-    against ~14 on 2 threads; `make bench`).
+    included, and on CPU ~1.5× faster at the kit's shapes (B = 1024, n = 4608, k = 32: ~9 ms
+    against ~14 on 2 threads; 1.3-1.9× at k = 8-64, B = 1024-4096).
 
     ``torch.topk`` runs a partial sort over every element of every row, one scalar at a time. Here
     the row is split into units of a hierarchy (`topk_levels`): a unit of the next level holds
