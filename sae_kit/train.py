@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .activations import ActivationStore
+from .saes.base import release_training_buffers
 from .fsutil import atomic_write_bytes
 from .config import bars_off, get_scale
 from .validate import integer, real
@@ -200,6 +201,7 @@ def train(sae, store, batch_size: int = 2048, epochs: int = 1, lr: float | None 
             ckpt.save(step + 1, sae, opt, hist, seconds=hist.seconds + time.time() - t0)
     bar.close()
     sae.eval()
+    release_training_buffers()
     if normalize:
         sae.fold_input_scale(s)
     hist.seconds += time.time() - t0

@@ -318,3 +318,76 @@ def test_sae_lens_loads_our_file_and_reconstructs_the_same(tmp_path, small_store
     assert type(theirs).__name__ == "TopKSAE"
     assert torch.allclose(their_z, ours_z, atol=1e-4)
     assert torch.allclose(their_hat, ours_hat, atol=1e-3)
+
+
+@pytest.mark.parametrize("shape", [(1, 7), (300, 5), (256, 3), (513, 40)])
+def test_copy_transposed_equals_the_plain_transpose_into_a_strided_view(shape, rng):
+    """Blocks of 256 rows of src, a tail block, and a destination that is a slice of a wider matrix
+    (how `gram_into` mirrors G's upper blocks)."""
+    src = torch.randn(*shape, generator=rng)
+    wide = torch.full((shape[1] + 3, shape[0] + 5), float("nan"))
+    dst = wide[2:2 + shape[1], 4:4 + shape[0]]
+    out = saes_base.copy_transposed(dst, src)
+    assert out.data_ptr() == dst.data_ptr() and torch.equal(dst, src.t())
+    assert torch.isnan(wide[:2]).all() and torch.isnan(wide[:, :4]).all()  # nothing outside the view
+    assert torch.equal(saes_base._transposed(src), src.t()) and saes_base._transposed(src).is_contiguous()
+
+
+def test_training_steps_reuse_one_pre_activation_buffer_and_inference_does_not(rng):
+    """In training on CPU the B × d_sae pre-activations go into one process-wide buffer
+    (`training_buffer`); outside training `encode_sparse` hands back a fresh tensor a caller may keep."""
+    x = torch.randn(64, 12, generator=rng)
+    sae = topk_sae(12, 48, 4, aux_coef=0.0)
+    from sae_kit.train import adam, train_step
+
+    opt = adam(sae, 1e-3)
+    sae.train()
+    seen = set()
+    for _ in range(3):
+        code = sae.encode_sparse(x)
+        seen.add(code.pre.data_ptr())
+        train_step(sae, opt, x)
+    assert len(seen) == 1 and saes_base._TRAINING_BUFFERS["pre"].data_ptr() in seen
+    assert sae.encode_sparse(x[:32]).pre.shape == (32, 48)  # another batch size: reallocated to fit
+    sae.eval()
+    with torch.no_grad():
+        kept = sae.encode_sparse(x).pre
+    assert kept.data_ptr() != saes_base._TRAINING_BUFFERS["pre"].data_ptr()
+    saes_base.release_training_buffers()
+    assert not saes_base._TRAINING_BUFFERS
+
+
+def test_sharing_the_training_buffers_changes_no_number(rng, monkeypatch):
+    """SAEs trained step by step in turn share the process's buffers (pre-activations, and matching
+    pursuit's Gram matrix); each must end with the weights it gets when trained alone on fresh
+    tensors (no buffer at all), and `train` frees the buffers when it returns."""
+    from sae_kit.saes import choice_sae, matching_pursuit, mp_sae
+    from sae_kit.train import adam, train, train_step
+
+    x = torch.randn(256, 16, generator=rng) * 2
+    x[::17] *= 20  # a few high-norm tokens, as at layer 8
+
+    def makers():
+        return [lambda: topk_sae(16, 64, 4, seed=1, dead_tokens=256), lambda: choice_sae("mc", 16, 64, 4, seed=2),
+                lambda: mp_sae(16, 64, 4, seed=3)]
+
+    def steps(saes, order):
+        opts = [adam(s, 1e-2) for s in saes]
+        for s in saes:
+            s.train()
+        for t in range(6):
+            for i in order:
+                train_step(saes[i], opts[i], x[64 * (t % 4):64 * (t % 4 + 1)])
+        return [torch.cat([p.detach().flatten() for p in s.parameters()]) for s in saes]
+
+    together = steps([m() for m in makers()], [0, 1, 2])
+    with monkeypatch.context() as m:
+        def fresh(name, shape, dtype, device):
+            return torch.full(shape, float("nan"), dtype=dtype, device=device)
+        m.setattr(saes_base, "training_buffer", fresh)
+        m.setattr(matching_pursuit, "training_buffer", fresh)
+        alone = [steps([make()], [0])[0] for make in makers()]
+    for a, b in zip(together, alone):
+        assert torch.equal(a, b)
+    train(topk_sae(16, 64, 4), x, batch_size=64, progress=False)
+    assert not saes_base._TRAINING_BUFFERS

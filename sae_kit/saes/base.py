@@ -109,15 +109,21 @@ class _GatherPre(torch.autograd.Function):
         return g_x, g_bdec, g_W, g_b if need_benc else None, None, None, None, None, None
 
 
-def _transposed(a: torch.Tensor, block: int = 256) -> torch.Tensor:
-    """aᵀ as a contiguous tensor, copied in row blocks (cache-friendly: on 2 CPU cores ~1.7 ms
-    for 4608×576 where ``a.t().contiguous()`` takes 4-9 ms)."""
-    out = torch.empty(a.shape[1], a.shape[0], dtype=a.dtype, device=a.device)
-    if a.device.type != "cpu":
-        return out.copy_(a.t())
-    for i in range(0, a.shape[0], block):
-        out[:, i:i + block].copy_(a[i:i + block].t())
-    return out
+def _transposed(a: torch.Tensor) -> torch.Tensor:
+    """aᵀ as a fresh contiguous tensor (`copy_transposed`)."""
+    return copy_transposed(torch.empty(a.shape[1], a.shape[0], dtype=a.dtype, device=a.device), a)
+
+
+def copy_transposed(dst: torch.Tensor, src: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """``dst.copy_(src.t())``, copied on CPU in blocks of `block` rows of src: each block's reads
+    and writes stay in cache, where one strided copy walks a whole column of dst per row of src
+    (2 CPU cores: ~2.5 ms for 4608×576 against 4-9 ms; the mirror half of a 4608-atom Gram matrix,
+    `matching_pursuit.gram_into`, ~7 ms against ~19). A copy: the values are the same either way."""
+    if src.device.type != "cpu":
+        return dst.copy_(src.t())
+    for i in range(0, src.shape[0], block):
+        dst[:, i:i + block].copy_(src[i:i + block].t())
+    return dst
 
 
 class _SparseDecode(torch.autograd.Function):
@@ -156,7 +162,8 @@ class SparseCode:
     cols: torch.Tensor  # [nnz] long
     vals: torch.Tensor  # [nnz] float, ReLU'd (may hold zeros where fewer than k were positive)
     shape: tuple[int, int]  # (B, d_sae)
-    pre: torch.Tensor | None = None  # [B, d_sae] pre-activations the selection saw (no grad)
+    pre: torch.Tensor | None = None  # [B, d_sae] pre-activations the selection saw (no grad; in a
+    # training step on CPU a `training_buffer`, valid until the next one)
     cutoff: torch.Tensor | None = None  # a batch rule's selection cut-off, for `after_step` (no grad)
     _by_col: tuple | None = None
 
@@ -188,6 +195,29 @@ class SparseCode:
     def fired(self) -> torch.Tensor:
         """[d_sae] bool: latents active on at least one token of the batch."""
         return torch.bincount(self.cols[self.vals > 0], minlength=self.shape[1]) > 0
+
+
+_TRAINING_BUFFERS: dict[str, torch.Tensor] = {}  # `training_buffer`'s tensors, one per name for the process
+
+
+def training_buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+    """An uninitialised tensor for a training step's large temporary (the B × d_sae pre-activations,
+    matching pursuit's d_sae² Gram matrix), reused from step to step: one per `name` for the whole
+    process, reallocated when the shape, dtype or device changes. A fresh tensor of that size is a
+    fresh mapping from the allocator whose pages the kernel faults in and zeroes at every step
+    (glibc maps blocks over 32 MiB each time: at batch 4096 and d_sae 4608 that was ~14 ms of a
+    TopK step on 2 CPU cores). Its contents are valid only until the next call with the same name;
+    `release_training_buffers` (end of `train`) frees them."""
+    buf = _TRAINING_BUFFERS.get(name)
+    if buf is None or buf.shape != tuple(shape) or buf.dtype != dtype or buf.device != torch.device(device):
+        _TRAINING_BUFFERS.pop(name, None)  # the old one goes before the new one is allocated
+        buf = _TRAINING_BUFFERS[name] = torch.empty(shape, dtype=dtype, device=device)
+    return buf
+
+
+def release_training_buffers() -> None:
+    """Free every `training_buffer` (they are allocated again by the next training step)."""
+    _TRAINING_BUFFERS.clear()
 
 
 TOPK_SPREAD = 4  # row_topk: units per unit of the next coarser level
@@ -432,11 +462,15 @@ class SAE(nn.Module):
         """Select latents and return their values with the sparse backward attached."""
         x = _check_input(x, self.cfg.d_in, self.W_dec.dtype)
         x_c = x - self.b_dec
+        by_latent, B, n = self.reads_pre_by_latent(), x.shape[0], self.cfg.d_sae
+        out = None  # in a training step on CPU, pre goes into a buffer reused every step
+        if self.training and torch.is_grad_enabled() and x.device.type == "cpu":
+            out = training_buffer("pre", (n, B) if by_latent else (B, n), x_c.dtype, x.device)
         with torch.no_grad():
-            if self.reads_pre_by_latent():  # [d_sae, B] from the GEMM, seen as [B, d_sae]: no transpose
-                pre = torch.addmm(self.b_enc[:, None], self.W_enc.t(), x_c.t()).t()
+            if by_latent:  # [d_sae, B] from the GEMM, seen as [B, d_sae]: no transpose
+                pre = torch.addmm(self.b_enc[:, None], self.W_enc.t(), x_c.t(), out=out).t()
             else:
-                pre = torch.addmm(self.b_enc, x_c, self.W_enc)
+                pre = torch.addmm(self.b_enc, x_c, self.W_enc, out=out)
             rows, cols, cutoff = self.select(pre, g, k)
         code = SparseCode(rows, cols, None, (x.shape[0], self.cfg.d_sae), pre, cutoff)
         code.vals = F.relu(self._gather(x, x_c, code))
