@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import sae_kit
-from sae_kit.saes import capacities, choice_sae, fit_zipf, zipf_probs
+from sae_kit.saes import capacities, choice_sae, fit_zipf, row_topk, zipf_probs
 
 # a hand-checkable 3-token x 4-feature affinity matrix
 PRE = torch.tensor([[9.0, 1.0, 0.5, 3.0],
@@ -241,3 +241,30 @@ def test_zipf_fit_is_the_least_squares_fit_and_the_same_on_every_run():
     finally:
         torch.set_num_threads(threads)
     assert one == fit == fit_zipf(dens.clone())
+
+
+@pytest.mark.parametrize("data", ["gaussian", "spiky", "tied", "integers"])
+def test_mutual_choice_candidate_pairs_equal_the_whole_matrix_comparison(data):
+    """`_at_or_above` builds ``(pre >= low).nonzero()`` from each row's candidates plus the rows that
+    may hold more than them, at a batch where `row_topk` takes its levels path (B ≥ 64), with a
+    few rows far above the rest (layer 8's high-norm tokens) and with heavy ties at the bound."""
+    from sae_kit.saes.choice import _at_or_above
+
+    gen = torch.Generator().manual_seed(1)
+    pre = torch.randn(256, 768, generator=gen)
+    if data == "spiky":
+        pre[::37] += 4
+    elif data == "tied":
+        pre = (pre * 2).round() / 2
+    elif data == "integers":
+        pre = torch.randint(-3, 4, (256, 768), generator=gen).float()
+    sae = choice_sae("mc", 4, 768, 8)
+    B, c, budget = 256, 12, 8 * 256
+    cand, at = row_topk(pre, c)
+    low = cand.reshape(-1).kthvalue(B * c - budget + 1).values
+    rows, cols = _at_or_above(pre, cand, at, low)
+    expect = (pre >= low).nonzero(as_tuple=True)
+    assert torch.equal(rows, expect[0]) and torch.equal(cols, expect[1])
+    r2, c2, cut = sae.batch_select(pre)
+    keep, cut2 = sae.batch_keep(pre)
+    assert torch.equal(keep.nonzero(), torch.stack([r2, c2], 1)) and torch.equal(cut, cut2)

@@ -249,13 +249,20 @@ class MutualChoiceSAE(_ChoiceSAE):
         largest among them, and ties at it are taken in row-major order, as `batch_keep` takes
         them. On a trained Mutual Choice SAE some tokens keep 500-900 latents at k = 32, so no fixed
         number of candidates per row holds the selection: on real layer-8 batches of 1024 this
-        takes ~35 ms on one CPU thread where a whole-matrix search took ~185 ms."""
+        takes ~35 ms on one CPU thread where a whole-matrix search took ~185 ms.
+
+        The entries at or above the bound come from the candidates themselves, except in the rows
+        whose c-th candidate reaches the bound (a row's entries above its c-th largest value are all
+        among its candidates): only those rows, ~15% of a real batch, are scanned whole. Sorted by
+        (row, column), they are exactly ``(pre >= low).nonzero()``; a whole-matrix comparison and
+        ``nonzero`` took ~9 of the ~23 ms of this selection at B = 1024 on 2 CPU threads."""
         k = self.cfg.k if k is None else k
         B, n = pre.shape
         budget = k * B
         c = min(n, max(k + 1, (3 * k) // 2))
-        low = row_topk(pre, c)[0].reshape(-1).kthvalue(B * c - budget + 1).values
-        rows, cols = (pre >= low).nonzero(as_tuple=True)  # row-major, holds every kept pair
+        cand, at = row_topk(pre, c)
+        low = cand.reshape(-1).kthvalue(B * c - budget + 1).values
+        rows, cols = _at_or_above(pre, cand, at, low)  # row-major, holds every kept pair
         vals = pre[rows, cols]
         kth = vals.kthvalue(vals.numel() - budget + 1).values
         keep = vals > kth
@@ -278,6 +285,23 @@ class MutualChoiceSAE(_ChoiceSAE):
             tie = (pre == kth).reshape(-1).nonzero().flatten()[:short]
             keep.view(-1)[tie] = True
         return keep, kth.reshape(1)
+
+
+def _at_or_above(pre: torch.Tensor, cand: torch.Tensor, at: torch.Tensor, low: torch.Tensor):
+    """``(pre >= low).nonzero(as_tuple=True)`` (rows, columns in row-major order), given each row's
+    top c entries `cand` (descending) at columns `at`: a row whose c-th candidate is below `low`
+    has every entry ≥ `low` among its candidates; only the other rows are compared whole."""
+    B, n = pre.shape
+    whole = cand[:, -1] >= low  # [B]: rows that may hold more than their candidates
+    pick = (cand >= low) & ~whole[:, None]
+    rows = torch.arange(B, device=pre.device)[:, None].expand_as(at)[pick]
+    cols = at[pick]
+    if bool(whole.any()):
+        full = whole.nonzero().flatten()
+        r, cc = (pre[full] >= low).nonzero(as_tuple=True)
+        rows, cols = torch.cat([rows, full[r]]), torch.cat([cols, cc])
+    order = torch.sort(rows * n + cols).indices  # each (row, column) once: no ties to break
+    return rows[order], cols[order]
 
 
 class FeatureChoiceSAE(_ChoiceSAE):
