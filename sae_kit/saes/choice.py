@@ -253,9 +253,10 @@ class MutualChoiceSAE(_ChoiceSAE):
 
         The entries at or above the bound come from the candidates themselves, except in the rows
         whose c-th candidate reaches the bound (a row's entries above its c-th largest value are all
-        among its candidates): only those rows, ~15% of a real batch, are scanned whole. Sorted by
-        (row, column), they are exactly ``(pre >= low).nonzero()``; a whole-matrix comparison and
-        ``nonzero`` took ~9 of the ~23 ms of this selection at B = 1024 on 2 CPU threads."""
+        among its candidates): only those rows, ~17% of a real batch once training has begun, are
+        scanned whole (`_at_or_above`). Sorted by (row, column), they are exactly
+        ``(pre >= low).nonzero()``; a whole-matrix comparison and ``nonzero`` took ~9 of the ~23 ms
+        of this selection at B = 1024 on 2 CPU threads."""
         k = self.cfg.k if k is None else k
         B, n = pre.shape
         budget = k * B
@@ -290,9 +291,14 @@ class MutualChoiceSAE(_ChoiceSAE):
 def _at_or_above(pre: torch.Tensor, cand: torch.Tensor, at: torch.Tensor, low: torch.Tensor):
     """``(pre >= low).nonzero(as_tuple=True)`` (rows, columns in row-major order), given each row's
     top c entries `cand` (descending) at columns `at`: a row whose c-th candidate is below `low`
-    has every entry ≥ `low` among its candidates; only the other rows are compared whole."""
+    has every entry ≥ `low` among its candidates; only the other rows are compared whole. When
+    they are over a third of the batch, the whole matrix is (copying those rows costs more; on
+    real layer-8 batches at k = 32 they were ~17% after 60 training steps and ~45% before any:
+    B = 4096, 2 CPU threads, 15 against 34 ms at 17%, 45 against 34 at 45%)."""
     B, n = pre.shape
     whole = cand[:, -1] >= low  # [B]: rows that may hold more than their candidates
+    if 3 * int(whole.sum()) > B:  # (an untrained dictionary: ~45% of a real batch) one pass is cheaper
+        return (pre >= low).nonzero(as_tuple=True)
     pick = (cand >= low) & ~whole[:, None]
     rows = torch.arange(B, device=pre.device)[:, None].expand_as(at)[pick]
     cols = at[pick]
