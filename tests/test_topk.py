@@ -358,18 +358,19 @@ def test_training_steps_reuse_one_pre_activation_buffer_and_inference_does_not(r
 
 
 def test_sharing_the_training_buffers_changes_no_number(rng, monkeypatch):
-    """SAEs trained step by step in turn share the process's buffers (pre-activations, and matching
-    pursuit's Gram matrix); each must end with the weights it gets when trained alone on fresh
+    """SAEs trained step by step in turn share the process's buffers (pre-activations, matching
+    pursuit's Gram matrix, the g-SAE's score); each must end with the weights it gets when trained alone on fresh
     tensors (no buffer at all), and `train` frees the buffers when it returns."""
-    from sae_kit.saes import choice_sae, matching_pursuit, mp_sae
+    from sae_kit.saes import choice_sae, gradient, gradient_sae, matching_pursuit, mp_sae
     from sae_kit.train import adam, train, train_step
 
     x = torch.randn(256, 16, generator=rng) * 2
     x[::17] *= 20  # a few high-norm tokens, as at layer 8
+    g = torch.randn(256, 16, generator=rng)  # read by the g-SAE only
 
     def makers():
         return [lambda: topk_sae(16, 64, 4, seed=1, dead_tokens=256), lambda: choice_sae("mc", 16, 64, 4, seed=2),
-                lambda: mp_sae(16, 64, 4, seed=3)]
+                lambda: mp_sae(16, 64, 4, seed=3), lambda: gradient_sae(16, 64, 4, beta=0.5, seed=4)]
 
     def steps(saes, order):
         opts = [adam(s, 1e-2) for s in saes]
@@ -377,15 +378,17 @@ def test_sharing_the_training_buffers_changes_no_number(rng, monkeypatch):
             s.train()
         for t in range(6):
             for i in order:
-                train_step(saes[i], opts[i], x[64 * (t % 4):64 * (t % 4 + 1)])
+                b = slice(64 * (t % 4), 64 * (t % 4 + 1))
+                train_step(saes[i], opts[i], x[b], g[b])
         return [torch.cat([p.detach().flatten() for p in s.parameters()]) for s in saes]
 
-    together = steps([m() for m in makers()], [0, 1, 2])
+    together = steps([m() for m in makers()], [0, 1, 2, 3])
     with monkeypatch.context() as m:
         def fresh(name, shape, dtype, device):
             return torch.full(shape, float("nan"), dtype=dtype, device=device)
         m.setattr(saes_base, "training_buffer", fresh)
         m.setattr(matching_pursuit, "training_buffer", fresh)
+        m.setattr(gradient, "training_buffer", fresh)
         alone = [steps([make()], [0])[0] for make in makers()]
     for a, b in zip(together, alone):
         assert torch.equal(a, b)

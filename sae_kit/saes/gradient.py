@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from ..validate import real
-from .base import Selection, row_topk
+from .base import Selection, row_topk, training_buffer
 from .topk import TopKConfig, TopKSAE
 
 NORMALISATIONS = ("token", "batch", "raw")  # how |d_i · g| is scaled before β (see the module doc)
@@ -61,14 +61,15 @@ class GradientConfig(TopKConfig):
 
 
 @torch.no_grad()
-def gradient_factor(g: torch.Tensor, W_dec: torch.Tensor, normalise: str = "token") -> torch.Tensor:
+def gradient_factor(g: torch.Tensor, W_dec: torch.Tensor, normalise: str = "token",
+                    out: torch.Tensor | None = None) -> torch.Tensor:
     """a [B, n] = |d_i · g| for atoms `W_dec` [n, d] and gradients `g` [B, d], scaled by `normalise`:
     ``"token"`` divides each row by its mean (a averages 1 on every token), ``"batch"`` divides by
     the mean over the whole batch (a averages 1 over the batch; tokens keep their relative sizes),
-    ``"raw"`` leaves it as it is."""
+    ``"raw"`` leaves it as it is. `out`: a [B, n] tensor to compute it in (a training buffer)."""
     if normalise not in NORMALISATIONS:
         raise ValueError(f"normalise must be one of {', '.join(map(repr, NORMALISATIONS))}, got {normalise!r}")
-    a = (g.to(W_dec.dtype) @ W_dec.t()).abs_()  # in place from here: B × n temporaries are the cost
+    a = torch.mm(g.to(W_dec.dtype), W_dec.t(), out=out).abs_()  # in place from here: B × n temporaries are the cost
     if normalise == "token":
         return a.div_(a.mean(1, keepdim=True).clamp_min(1e-12))
     if normalise == "batch":
@@ -106,15 +107,21 @@ class GradientSAE(TopKSAE):
         commutes with s; not for ``"raw"``, whose gradient term shrinks by 1/s."""
         return self.cfg.normalise != "raw"
 
-    def gradient_factor(self, g: torch.Tensor) -> torch.Tensor:
+    def gradient_factor(self, g: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """a [B, d_sae] = |d_i · g| scaled as ``cfg.normalise`` says (`gradient_factor`)."""
-        return gradient_factor(g, self.W_dec, self.cfg.normalise)
+        return gradient_factor(g, self.W_dec, self.cfg.normalise, out)
 
     @torch.no_grad()
     def selection_score(self, pre: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """z + β·z·a with a = `gradient_factor` (|d_i · g|, scaled as ``cfg.normalise`` says)."""
-        a = self.gradient_factor(g).to(pre.dtype)  # a fresh tensor: updated in place, same arithmetic
-        return a.mul_(self.cfg.beta).add_(1).mul_(pre.clamp_min(0))
+        """z + β·z·a with a = `gradient_factor` (|d_i · g|, scaled as ``cfg.normalise`` says). In a
+        training step on CPU its two B × d_sae temporaries are `training_buffer`s (valid until the
+        next step): fresh ones cost ~30 ms of page faults per step at batch 4096."""
+        a = relu = None
+        if self.training and pre.device.type == "cpu" and self.W_dec.dtype == pre.dtype:
+            a = training_buffer("gsae_factor", pre.shape, pre.dtype, pre.device)
+            relu = training_buffer("gsae_relu", pre.shape, pre.dtype, pre.device)
+        a = self.gradient_factor(g, a).to(pre.dtype)  # ours (fresh or the buffer): updated in place
+        return a.mul_(self.cfg.beta).add_(1).mul_(torch.clamp_min(pre, 0, out=relu))
 
 
 def gradient_sae(d_in: int, d_sae: int, k: int, beta: float = 1.0, seed: int = 0, device=None,
