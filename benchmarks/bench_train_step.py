@@ -3,9 +3,10 @@
 Section 1 puts the kit's TopK step next to SAELens's own TopK training step (training_forward_pass,
 backward, grad-norm clip, Adam, as its SAETrainer runs it) on the same batches, with AuxK idle (no
 dead latents) and on (10% of latents dead), at two batch sizes. The "floor" row is the work any
-TopK step must do: the encoder GEMM (x − b_dec)·W_enc + b_enc and the per-token top-k, the top-k
-taken the kit's way (`row_topk`, the same result as ``torch.topk``); "floor, torch.topk" is the same
-work with ``torch.topk``, for what the top-k alone costs.
+TopK step must do: the encoder GEMM (x − b_dec)·W_enc + b_enc (into a buffer kept between steps)
+and the per-token top-k, the top-k taken the kit's way (`row_topk`, the same result as
+``torch.topk``); "floor, torch.topk" is the same work with ``torch.topk``, for what the top-k alone
+costs.
 Section 2 times every other dictionary against the kit's TopK (selection cost: auxiliary losses
 idle) on real layer-8 activations (`--data random` for Gaussian batches, which hide the batch
 rules' cost on the few high-norm tokens); section 3 the kit's matching pursuit against the textbook autograd pursuit; section 4 the
@@ -91,11 +92,14 @@ def saelens_topk(a, x, dead):
 
 
 def floor(a, x, dead, select=row_topk):
-    """The encoder GEMM and the top-k: what every TopK step must compute, nothing else."""
+    """The encoder GEMM and the top-k: what every TopK step must compute, nothing else. The GEMM
+    writes into one buffer kept between steps, as the kit's training step does (`training_buffer`):
+    a fresh B × d_sae output would add its page faults to the floor."""
     W, b = torch.randn(a.d_in, a.d_sae, device=DEVICE) / a.d_in ** 0.5, torch.zeros(a.d_sae, device=DEVICE)
+    out = torch.empty(len(x), a.d_sae, device=DEVICE)
 
     def step():
-        select(torch.addmm(b, x, W), a.k)
+        select(torch.addmm(b, x, W, out=out), a.k)
     return step
 
 
