@@ -177,31 +177,33 @@ def train(sae, store, batch_size: int = 2048, epochs: int = 1, lr: float | None 
     bar = tqdm(total=n_steps, initial=start, desc=desc or f"train {sae.label}",
                disable=bars_off(progress))
     t0, seen = time.time(), (hist.tokens[-1] if hist.tokens else 0)
-    for step, batch in enumerate(batches):
-        if step >= n_steps:
-            break
-        if step < start:  # resuming: replay the data order up to the checkpoint
-            continue
-        x, g = batch if grads else (batch, None)
-        if not torch.isfinite(x).all():
-            raise FloatingPointError(f"NaN/Inf in the activations of training batch {step}; "
-                                     f"re-harvest the store (it may be corrupt) or check its dtype")
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step)
-        if normalize:  # the SAE sees s·x; the loss's gradient w.r.t. s·x is g / s
-            x, g = x * s, (g / s if g is not None else None)
-        out = train_step(sae, opt, x, g)
-        seen += len(x)
-        hist.record(step, seen, out, lr_at(step))
-        if step % 10 == 0 or step == n_steps - 1:
-            bar.set_postfix(loss=f"{hist.loss[-1]:.3f}", fvu=f"{hist.fvu[-1]:.3f}",
-                            L0=f"{hist.l0[-1]:.1f}", dead=f"{100 * hist.dead[-1]:.1f}%")
-        bar.update(1)
-        if ckpt is not None and (step + 1) % checkpoint_every == 0 and step + 1 < n_steps:
-            ckpt.save(step + 1, sae, opt, hist, seconds=hist.seconds + time.time() - t0)
+    try:  # the step buffers (`training_buffer`) are freed however the loop ends
+        for step, batch in enumerate(batches):
+            if step >= n_steps:
+                break
+            if step < start:  # resuming: replay the data order up to the checkpoint
+                continue
+            x, g = batch if grads else (batch, None)
+            if not torch.isfinite(x).all():
+                raise FloatingPointError(f"NaN/Inf in the activations of training batch {step}; "
+                                         f"re-harvest the store (it may be corrupt) or check its dtype")
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step)
+            if normalize:  # the SAE sees s·x; the loss's gradient w.r.t. s·x is g / s
+                x, g = x * s, (g / s if g is not None else None)
+            out = train_step(sae, opt, x, g)
+            seen += len(x)
+            hist.record(step, seen, out, lr_at(step))
+            if step % 10 == 0 or step == n_steps - 1:
+                bar.set_postfix(loss=f"{hist.loss[-1]:.3f}", fvu=f"{hist.fvu[-1]:.3f}",
+                                L0=f"{hist.l0[-1]:.1f}", dead=f"{100 * hist.dead[-1]:.1f}%")
+            bar.update(1)
+            if ckpt is not None and (step + 1) % checkpoint_every == 0 and step + 1 < n_steps:
+                ckpt.save(step + 1, sae, opt, hist, seconds=hist.seconds + time.time() - t0)
+    finally:
+        release_training_buffers()
     bar.close()
     sae.eval()
-    release_training_buffers()
     if normalize:
         sae.fold_input_scale(s)
     hist.seconds += time.time() - t0

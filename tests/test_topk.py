@@ -347,14 +347,14 @@ def test_training_steps_reuse_one_pre_activation_buffer_and_inference_does_not(r
         code = sae.encode_sparse(x)
         seen.add(code.pre.data_ptr())
         train_step(sae, opt, x)
-    assert len(seen) == 1 and saes_base._TRAINING_BUFFERS["pre"].data_ptr() in seen
+    assert len(seen) == 1 and saes_base._training_buffers()["pre"].data_ptr() in seen
     assert sae.encode_sparse(x[:32]).pre.shape == (32, 48)  # another batch size: reallocated to fit
     sae.eval()
     with torch.no_grad():
         kept = sae.encode_sparse(x).pre
-    assert kept.data_ptr() != saes_base._TRAINING_BUFFERS["pre"].data_ptr()
+    assert kept.data_ptr() != saes_base._training_buffers()["pre"].data_ptr()
     saes_base.release_training_buffers()
-    assert not saes_base._TRAINING_BUFFERS
+    assert not saes_base._training_buffers()
 
 
 def test_sharing_the_training_buffers_changes_no_number(rng, monkeypatch):
@@ -393,4 +393,35 @@ def test_sharing_the_training_buffers_changes_no_number(rng, monkeypatch):
     for a, b in zip(together, alone):
         assert torch.equal(a, b)
     train(topk_sae(16, 64, 4), x, batch_size=64, progress=False)
-    assert not saes_base._TRAINING_BUFFERS
+    assert not saes_base._training_buffers()
+
+
+def test_training_buffers_are_per_thread_and_freed_when_training_stops(rng, monkeypatch):
+    """Two trainings in two threads must not write into one buffer, and `train` frees the buffers
+    however its loop ends (here: an interrupt after two steps, as an interrupted cell)."""
+    import importlib
+    import threading
+
+    T = importlib.import_module("sae_kit.train")  # the module (`sae_kit.train` is also the function)
+
+    mine = saes_base.training_buffer("pre", (4, 8), torch.float32, "cpu")
+    theirs = []
+    t = threading.Thread(target=lambda: theirs.append(saes_base.training_buffer("pre", (4, 8), torch.float32, "cpu")))
+    t.start()
+    t.join()
+    assert theirs[0].data_ptr() != mine.data_ptr()
+    assert saes_base.training_buffer("pre", (4, 8), torch.float32, "cpu").data_ptr() == mine.data_ptr()
+
+    real_step, steps = T.train_step, []
+
+    def interrupted(*a, **kw):
+        out = real_step(*a, **kw)
+        steps.append(len(saes_base._training_buffers()))
+        if len(steps) == 2:
+            raise KeyboardInterrupt
+        return out
+
+    monkeypatch.setattr(T, "train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        T.train(topk_sae(16, 64, 4), torch.randn(256, 16, generator=rng), batch_size=64, progress=False)
+    assert steps == [1, 1] and not saes_base._training_buffers()  # the pre buffer, then freed

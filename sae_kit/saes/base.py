@@ -25,6 +25,7 @@ A dictionary with another encoder (matching pursuit) overrides `encode_sparse` i
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar, NamedTuple
@@ -197,27 +198,35 @@ class SparseCode:
         return torch.bincount(self.cols[self.vals > 0], minlength=self.shape[1]) > 0
 
 
-_TRAINING_BUFFERS: dict[str, torch.Tensor] = {}  # `training_buffer`'s tensors, one per name for the process
+_BUFFERS = threading.local()  # `training_buffer`'s tensors: one dict per thread, one tensor per name
+
+
+def _training_buffers() -> dict[str, torch.Tensor]:
+    """This thread's training buffers (two SAEs trained in two threads never share one)."""
+    if not hasattr(_BUFFERS, "d"):
+        _BUFFERS.d = {}
+    return _BUFFERS.d
 
 
 def training_buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
     """An uninitialised tensor for a training step's large temporary (the B × d_sae pre-activations,
-    matching pursuit's d_sae² Gram matrix), reused from step to step: one per `name` for the whole
-    process, reallocated when the shape, dtype or device changes. A fresh tensor of that size is a
-    fresh mapping from the allocator whose pages the kernel faults in and zeroes at every step
-    (glibc maps blocks over 32 MiB each time: at batch 4096 and d_sae 4608 that was ~14 ms of a
+    matching pursuit's d_sae² Gram matrix, the g-SAE's score), reused from step to step: one per
+    `name` (per thread), reallocated when the shape, dtype or device changes. A fresh tensor of that
+    size is a fresh mapping from the allocator whose pages the kernel faults in and zeroes at every
+    step (glibc maps blocks over 32 MiB each time: at batch 4096 and d_sae 4608 that was ~14 ms of a
     TopK step on 2 CPU cores). Its contents are valid only until the next call with the same name;
-    `release_training_buffers` (end of `train`) frees them."""
-    buf = _TRAINING_BUFFERS.get(name)
+    `release_training_buffers` (`train` calls it when it ends) frees them."""
+    buffers = _training_buffers()
+    buf = buffers.get(name)
     if buf is None or buf.shape != tuple(shape) or buf.dtype != dtype or buf.device != torch.device(device):
-        _TRAINING_BUFFERS.pop(name, None)  # the old one goes before the new one is allocated
-        buf = _TRAINING_BUFFERS[name] = torch.empty(shape, dtype=dtype, device=device)
+        buffers.pop(name, None)  # the old one goes before the new one is allocated
+        buf = buffers[name] = torch.empty(shape, dtype=dtype, device=device)
     return buf
 
 
 def release_training_buffers() -> None:
-    """Free every `training_buffer` (they are allocated again by the next training step)."""
-    _TRAINING_BUFFERS.clear()
+    """Free this thread's `training_buffer`s (the next training step allocates them again)."""
+    _training_buffers().clear()
 
 
 TOPK_SPREAD = 4  # row_topk: units per unit of the next coarser level
