@@ -334,7 +334,7 @@ def test_copy_transposed_equals_the_plain_transpose_into_a_strided_view(shape, r
 
 
 def test_training_steps_reuse_one_pre_activation_buffer_and_inference_does_not(rng):
-    """In training on CPU the B × d_sae pre-activations go into one process-wide buffer
+    """In training on CPU the B × d_sae pre-activations go into one buffer (per thread)
     (`training_buffer`); outside training `encode_sparse` hands back a fresh tensor a caller may keep."""
     x = torch.randn(64, 12, generator=rng)
     sae = topk_sae(12, 48, 4, aux_coef=0.0)
@@ -358,7 +358,7 @@ def test_training_steps_reuse_one_pre_activation_buffer_and_inference_does_not(r
 
 
 def test_sharing_the_training_buffers_changes_no_number(rng, monkeypatch):
-    """SAEs trained step by step in turn share the process's buffers (pre-activations, matching
+    """SAEs trained step by step in turn share the thread's buffers (pre-activations, matching
     pursuit's Gram matrix, the g-SAE's score); each must end with the weights it gets when trained alone on fresh
     tensors (no buffer at all), and `train` frees the buffers when it returns."""
     from sae_kit.saes import choice_sae, gradient, gradient_sae, matching_pursuit, mp_sae

@@ -174,7 +174,7 @@ class MatchingPursuitSAE(SAE):
     # ---- the pursuit -------------------------------------------------------------------------
     def gram(self) -> torch.Tensor:
         """G = D Dᵀ, cached between calls while the decoder is unchanged. In training the decoder
-        changes every step: G is recomputed each call into one buffer shared by the process (a fresh
+        changes every step: G is recomputed each call into one buffer shared by the thread (a fresh
         d_sae² tensor per step costs its page faults too, and a buffer per SAE would keep 85 MB alive
         in every trained lab SAE), so it is only valid until the next training-mode call."""
         W = self.W_dec.detach()
