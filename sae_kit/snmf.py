@@ -34,7 +34,9 @@ from .config import bars_off
 
 # ---- the factorisation ------------------------------------------------------------------------
 # Part of every cache key of `fit_snmf_cached`: bump it when a change here changes what a fit returns.
-SNMF_REVISION = 3  # 2: the authors' stopping rule is the default; the result records how the fit stopped; 3: subnormal G entries set to 0
+# 2: the authors' stopping rule is the default, and the result records how the fit stopped;
+# 3: subnormal entries of G are set to 0 after each update (`flush_subnormal`)
+SNMF_REVISION = 3
 
 
 @dataclass

@@ -245,9 +245,13 @@ def test_fit_keeps_no_subnormal_loadings(monkeypatch):
     would take ~100× longer on it), checked on a G seeded with subnormals."""
     torch.manual_seed(0)
     A = torch.randn(40, 300)
-    seen, real = [], snmf.update_G
-    monkeypatch.setattr(snmf, "update_G", lambda A_, F_, G_, P_=None: seen.append(
-        int(((G_ > 0) & (G_ < torch.finfo(G_.dtype).tiny)).sum())) or real(A_, F_, G_, P_) * torch.where(
-        torch.rand_like(G_) < 0.2, torch.tensor(1e-39), torch.tensor(1.0)))
+    seen, real, tiny = [], snmf.update_G, torch.finfo(torch.float32).tiny
+
+    def seeding_update(A_, F_, G_, P_=None):
+        """Count the subnormal entries this update is handed, then seed ~20% of its output with them."""
+        seen.append(int(((G_ > 0) & (G_ < tiny)).sum()))
+        return real(A_, F_, G_, P_) * torch.where(torch.rand_like(G_) < 0.2, torch.tensor(1e-39), torch.tensor(1.0))
+
+    monkeypatch.setattr(snmf, "update_G", seeding_update)
     snmf.fit_snmf(A, rank=4, sparsity=0.5, max_iter=6, patience=6, progress=False)
     assert len(seen) == 6 and max(seen) == 0
