@@ -425,3 +425,35 @@ def test_training_buffers_are_per_thread_and_freed_when_training_stops(rng, monk
     with pytest.raises(KeyboardInterrupt):
         T.train(topk_sae(16, 64, 4), torch.randn(256, 16, generator=rng), batch_size=64, progress=False)
     assert steps == [1, 1] and not saes_base._training_buffers()  # the pre buffer, then freed
+
+
+@pytest.mark.parametrize("density", [0.0, 0.003, 0.03, 0.2, 0.9])
+@pytest.mark.parametrize("shape", [(64, 4608), (37, 771), (1, 8), (0, 16), (16, 0)])
+def test_mask_pairs_equals_nonzero(density, shape, rng):
+    """`mask_pairs` is ``nonzero(as_tuple=True)``: the same rows and columns in the same order, for
+    sparse masks (the 64-bit word path), dense ones (over half the words set: plain nonzero), sizes
+    that are not a multiple of 8, and empty ones."""
+    mask = torch.rand(*shape, generator=rng) < density
+    rows, cols = saes_base.mask_pairs(mask)
+    expect = mask.nonzero(as_tuple=True)
+    assert torch.equal(rows, expect[0]) and torch.equal(cols, expect[1])
+
+
+def test_mask_pairs_reads_words_and_handles_views(rng, monkeypatch):
+    """A sparse mask is never handed to nonzero flag by flag (the word path is what runs), and views
+    whose flags are not 8-aligned words (a transpose, a slice at an odd offset) still give nonzero's
+    answer."""
+    mask = torch.rand(256, 4608, generator=rng) < 0.01
+    mask[7, :] = True  # a dense row, and the flags at the very ends
+    mask[-1, -1] = True
+    seen, real_nonzero = [], torch.Tensor.nonzero
+    monkeypatch.setattr(torch.Tensor, "nonzero", lambda t, *a, **kw: seen.append(t.numel()) or real_nonzero(t, *a, **kw))
+    rows, cols = saes_base.mask_pairs(mask)
+    monkeypatch.undo()
+    assert seen and max(seen) < mask.numel() // 2
+    expect = mask.nonzero(as_tuple=True)
+    assert torch.equal(rows, expect[0]) and torch.equal(cols, expect[1])
+    for view in (mask.t(), mask[:, 3:], mask.view(-1)[3:3 + 255 * 4608].view(255, 4608)):
+        rows, cols = saes_base.mask_pairs(view)
+        expect = view.nonzero(as_tuple=True)
+        assert torch.equal(rows, expect[0]) and torch.equal(cols, expect[1])

@@ -229,6 +229,30 @@ def release_training_buffers() -> None:
     _training_buffers().clear()
 
 
+def mask_pairs(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mask.nonzero(as_tuple=True)`` for a 2-D bool mask: (rows, cols) in row-major order, the same
+    tensors, found ~2-3× faster on CPU when the mask is sparse (B = 1024-4096, d_sae = 4608, 1-8%
+    set, 2 threads: e.g. ~2.2 ms against ~6.3 at B = 1024).
+
+    ``nonzero`` visits every flag one by one. Here the flags are read 8 at a time as 64-bit words:
+    only the words with a flag set (``!= 0``) are expanded back into their 8 flags, and positions come
+    out sorted because words and the flags within a word are taken in order. When over half the
+    words hold a flag, there is nothing to skip, and the mask goes to ``nonzero`` itself. Off CPU, and
+    for masks whose flags cannot be read as words (not contiguous, size or offset not a multiple of 8),
+    it is ``nonzero``."""
+    n = mask.shape[1]
+    flat = mask.reshape(-1) if mask.is_contiguous() else None
+    if (mask.device.type != "cpu" or mask.dtype != torch.bool or flat is None or not flat.numel()
+            or flat.numel() % 8 or mask.storage_offset() % 8):
+        return mask.nonzero(as_tuple=True)
+    hit = (flat.view(torch.int64) != 0).nonzero().flatten()  # words holding any set flag, in order
+    if 2 * len(hit) > flat.numel() // 8:
+        return mask.nonzero(as_tuple=True)
+    sub = flat.view(-1, 8).index_select(0, hit).nonzero()  # (which hit word, which of its 8 flags)
+    pos = hit[sub[:, 0]] * 8 + sub[:, 1]
+    return pos // n, pos % n
+
+
 TOPK_SPREAD = 4  # row_topk: units per unit of the next coarser level
 TOPK_ROWS_FROM = 64  # row_topk: fewer rows than this go straight to torch.topk (its overhead wins)
 

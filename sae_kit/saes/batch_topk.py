@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..validate import real
-from .base import SAE, SAEConfig, Selection
+from .base import SAE, SAEConfig, Selection, mask_pairs
 
 
 @dataclass
@@ -49,7 +49,7 @@ class BatchTopKSAE(SAE):
         if k is not None or float(self.threshold) < 0:
             raise ValueError("threshold mode takes no budget and needs a trained threshold; encode in batch "
                              "mode instead: with sae.using('batch'): ...")
-        rows, cols = (pre > self.threshold).nonzero(as_tuple=True)
+        rows, cols = mask_pairs(pre > self.threshold)
         return Selection(rows, cols)
 
     def after_step(self, pre, code):

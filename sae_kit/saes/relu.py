@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..validate import real
-from .base import SAE, SAEConfig, Selection
+from .base import SAE, SAEConfig, Selection, mask_pairs
 
 
 @dataclass
@@ -38,7 +38,7 @@ class ReluSAE(SAE):
 
     def select(self, pre, g=None, k=None):
         self._budget(k)  # a clear error if a budget is asked for
-        rows, cols = (pre > 0).nonzero(as_tuple=True)  # row-major, so rows come sorted
+        rows, cols = mask_pairs(pre > 0)  # row-major, so rows come sorted
         return Selection(rows, cols)
 
     def penalty(self, x: torch.Tensor, code) -> torch.Tensor:
