@@ -119,9 +119,8 @@ class Splicer:
             else:
                 fn = replace
             lp = self._run(self.resid[b], fn)
-            lp_clean = self.logp_clean[b].float()
             ce += self._ce_sum(lp, i)
-            kl += float((lp_clean.exp() * (lp_clean - lp)).sum())
+            kl += float(_kl_terms(self.logp_clean[b], lp).sum())  # (overwrites lp)
         n = self.targets.numel()
         s, c, z, m = ce / n, self.ce_clean, self.ce_zero, self.ce_mean
         return {"ce_clean": c, "ce_spliced": s, "ce_zero": z, "ce_mean_ablated": m, "delta_ce": s - c,
@@ -136,11 +135,21 @@ class Splicer:
         ce, kl = [], []
         for b, i in enumerate(self._chunks("splice CE per window")):
             lp = self._run(self.resid[b], replace)
-            lp_clean = self.logp_clean[b].float()
             t = self.targets[i:i + self.batch_seqs].to(lp.device)
             ce.append(-lp.gather(-1, t[..., None])[..., 0].double().mean(1))
-            kl.append((lp_clean.exp() * (lp_clean - lp)).sum(-1).double().mean(1))
+            kl.append(_kl_terms(self.logp_clean[b], lp).sum(-1).double().mean(1))  # (overwrites lp)
         return {"ce": torch.cat(ce).cpu().numpy(), "kl": torch.cat(kl).cpu().numpy()}
+
+
+def _kl_terms(logp_clean: torch.Tensor, lp: torch.Tensor) -> torch.Tensor:
+    """p_clean · (log p_clean − log p) for every vocabulary entry: the same values, bit for bit, as
+    ``lp_clean.exp() * (lp_clean - lp)`` with ``lp_clean = logp_clean.float()``, computed in the
+    storage of `lp` (overwritten) and of that one float copy. The plain expression allocates three more
+    tensors of the logits' size (16 windows × 62 positions × a 49k vocabulary: ~195 MB each), each a
+    fresh mapping whose pages the kernel faults in: a splice at `lab` (64 windows) took 7.2 s
+    instead of 8.1 (median of 3, 2 CPU cores)."""
+    lp_clean = logp_clean.float()
+    return torch.sub(lp_clean, lp, out=lp).mul_(lp_clean.exp_())
 
 
 def delta_ce_from_logp(logp_clean: torch.Tensor, logp_spliced: torch.Tensor, tokens: torch.Tensor,

@@ -36,6 +36,33 @@ def test_splice_identity_costs_nothing_and_zero_costs_a_lot(model, small_store):
     assert noisy["delta_ce"] > 0.05 and noisy["kl"] > 0.05
 
 
+def test_kl_terms_are_the_plain_expression_bit_for_bit():
+    """`splice._kl_terms` works in the spliced log-probabilities' own storage and gives exactly
+    ``lp_clean.exp() * (lp_clean - lp)`` (the clean ones stored in half precision, as `Splicer` keeps them)."""
+    gen = torch.Generator().manual_seed(0)
+    lp = torch.log_softmax(3 * torch.randn(2, 5, 1000, generator=gen), -1)
+    logp_clean = torch.log_softmax(3 * torch.randn(2, 5, 1000, generator=gen), -1).half()
+    lp_clean = logp_clean.float()
+    plain = lp_clean.exp() * (lp_clean - lp)
+    out = splice._kl_terms(logp_clean, lp)
+    assert out.data_ptr() == lp.data_ptr() and torch.equal(out, plain)
+    assert torch.equal(out.sum(), plain.sum())
+
+
+def test_splice_kl_per_window_agrees_with_the_call(model, small_store):
+    """KL and CE from `Splicer.__call__` and `Splicer.per_window` (both through `_kl_terms`) agree,
+    and match KL(clean ‖ spliced) recomputed here from the model's own logits."""
+    s = splice.Splicer(model, small_store, n_seqs=4, progress=False)
+    noise = lambda a: a + 5 * torch.sin(torch.arange(a.numel(), dtype=a.dtype).reshape(a.shape))
+    out, per = s(replace=noise), s.per_window(noise)
+    assert float(per["kl"].mean()) == pytest.approx(out["kl"], rel=1e-6)  # (float32 sums in another order)
+    assert float(per["ce"].mean()) == pytest.approx(out["ce_spliced"], rel=1e-6)
+    lp = s._run(s.resid[0], noise)
+    lp_clean = s.logp_clean[0].float()
+    expect = (lp_clean.exp() * (lp_clean - lp)).sum(-1).double().mean(1)
+    assert torch.allclose(torch.as_tensor(per["kl"][:len(expect)]), expect, rtol=0, atol=0)
+
+
 def test_claims_render_and_round_trip(tmp_path):
     c = Claims("99_test", scale="ci")
     c.add("a | b", "paper", "measured", True)
