@@ -457,3 +457,18 @@ def test_mask_pairs_reads_words_and_handles_views(rng, monkeypatch):
         rows, cols = saes_base.mask_pairs(view)
         expect = view.nonzero(as_tuple=True)
         assert torch.equal(rows, expect[0]) and torch.equal(cols, expect[1])
+
+
+@pytest.mark.parametrize("bound", [1, 7, 4608, 2 ** 15, 2 ** 15 + 1, 5 * 10 ** 6, 2 ** 31 + 5])
+def test_sort_keys_is_torch_sort_stable(bound, rng):
+    """`sort_keys` sorts in a narrower integer type and still returns torch.sort(stable=True)'s order,
+    ties (many equal keys) included; `by_col`'s offsets are where each latent's run starts."""
+    keys = torch.randint(0, min(bound, 2 ** 62), (20_000,), generator=rng)
+    keys[::3] = keys[0]  # heavy ties
+    values, order = saes_base.sort_keys(keys, bound)
+    expect = torch.sort(keys, stable=True)
+    assert torch.equal(order, expect.indices) and torch.equal(values.long(), expect.values)
+    if bound <= 5000:
+        got_order, offsets = saes_base.by_col(keys, bound)
+        assert torch.equal(got_order, expect.indices)
+        assert torch.equal(offsets, torch.searchsorted(expect.values, torch.arange(bound)))

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from ..validate import real
-from .base import SAE, SAEConfig, Selection, mask_pairs, row_topk
+from .base import SAE, SAEConfig, Selection, mask_pairs, row_topk, sort_keys
 
 
 @dataclass
@@ -306,7 +306,7 @@ def _at_or_above(pre: torch.Tensor, cand: torch.Tensor, at: torch.Tensor, low: t
         full = whole.nonzero().flatten()
         r, cc = mask_pairs(pre[full] >= low)
         rows, cols = torch.cat([rows, full[r]]), torch.cat([cols, cc])
-    order = torch.sort(rows * n + cols).indices  # each (row, column) once: no ties to break
+    order = sort_keys(rows * n + cols, B * n)[1]  # each (row, column) once: no ties to break
     return rows[order], cols[order]
 
 
@@ -374,7 +374,7 @@ class FeatureChoiceSAE(_ChoiceSAE):
         kth, groups = self._feature_tops(pre, k)
         rows = torch.cat([idx[ok] for _, idx, ok in groups]) if groups else pre.new_zeros(0, dtype=torch.long)
         cols = torch.cat([c[:, None].expand_as(idx)[ok] for c, idx, ok in groups]) if groups else rows
-        order = torch.argsort(rows * pre.shape[1] + cols)
+        order = sort_keys(rows * pre.shape[1] + cols, pre.numel())[1]  # each pair once: no ties
         return Selection(rows[order], cols[order], kth)
 
 
