@@ -12,7 +12,7 @@ import torch
 
 from .claims import Claims, Verdict, beats_noise, noise_text, share_below, share_noise, threshold
 from .config import Scale, scale_name
-from .metrics import feature_density, forward_batched, reconstruction_metrics
+from .metrics import feature_density, forward_batched, latent_density, reconstruction_metrics
 from .saes import choice_sae, fit_zipf, topk_sae, zipf_probs
 from .splice import Splicer
 from .sweeps import Variant, decided_gap, each_mode, pick, second_opinion, seed_spread
@@ -100,7 +100,7 @@ def evaluate_variant(sae, x_eval: torch.Tensor, k: int, zipf: dict, batch_size: 
         out["under_used"] = under_used_fraction(m["density"], k, zipf)
         out["dead_train"] = float(sae.dead_mask().float().mean())
         if x_density is not None:
-            wide = reconstruction_metrics(sae, x_density, batch_size=batch_size)["density"]
+            wide = latent_density(sae, x_density, batch_size=batch_size)
             out["dead_wide"] = float((wide == 0).float().mean())
             out["zero_hit_expected"] = expected_zero_hit(wide, len(x_eval))
         if splicer is not None and mode == sae.modes[0]:

@@ -91,6 +91,20 @@ def _stream_counts(sae, x: torch.Tensor, batch_size: int, g: torch.Tensor | None
 
 
 @torch.no_grad()
+def latent_density(sae, x: torch.Tensor, g: torch.Tensor | None = None, batch_size: int = 4096) -> torch.Tensor:
+    """Fraction of the tokens of x on which each latent is active (z > 0), [d_sae]: the ``density``
+    of `reconstruction_metrics`, the same numbers, from the encoder alone (no decoding, no FVU over
+    all of x: 82k layer-8 tokens through a 4608-wide TopK SAE on 2 CPU cores, 2.5 s instead of 3.9)."""
+    fired = None
+    for xi, gi in _device_batches(sae, x, batch_size, g):
+        counts = sae.encode_sparse(xi, gi).counts()[1].cpu()
+        fired = counts if fired is None else fired + counts
+    if fired is None:
+        raise ValueError("latent_density needs at least one token")
+    return fired.float() / len(x)
+
+
+@torch.no_grad()
 def fvu_by_budget(sae, x: torch.Tensor, budgets: list[int], batch_size: int = 4096) -> list[float]:
     """FVU of `sae` on x when inference runs at each budget `k` in `budgets` (``sae.reconstruct(x, k=k)``:
     k latents per token for TopK, k steps for matching pursuit)."""

@@ -179,12 +179,14 @@ def test_streamed_metrics_equal_the_dense_latents(make):
     g = torch.randn_like(x) if make == "gsae" else None
     sae = {"topk": lambda: topk_sae(32, 256, 8, device="cpu"), "mc_batch": lambda: choice_sae("mc", 32, 256, 8, device="cpu"),
            "mp": lambda: mp_sae(32, 256, 8, device="cpu"), "gsae": lambda: gradient_sae(32, 256, 8, device="cpu")}[make]()
-    mode = sae.using("batch") if make == "mc_batch" else contextlib.nullcontext()
-    with mode:
+    mode = lambda: sae.using("batch") if make == "mc_batch" else contextlib.nullcontext()
+    with mode():
         x_hat, z = forward_batched(sae, x, batch_size=700, g=g)
         new = metrics.reconstruction_metrics(sae, x, g, batch_size=700)
     dens = feature_density(z)
     assert torch.equal(new["density"], dens)
+    with mode():  # the encoder-only density (what notebook 01 reads on its wider sample)
+        assert torch.equal(metrics.latent_density(sae, x, g, batch_size=700), dens)
     assert (new["fvu"], new["nmse"], new["l0"], new["dead"], new["dense"]) == (
         fvu(x, x_hat), nmse(x, x_hat), l0(z), dead_fraction(dens), dense_fraction(dens))
 
