@@ -41,7 +41,8 @@ from .registry import register
 
 
 # AuxK runs as dense GEMMs on the B × n_eligible block when n_eligible ≤ this × k_aux (measured
-# crossover on 2 CPU cores, `make bench`), else on the sparse kernels
+# crossover on 2 cores of an AMD EPYC, `make bench`), else on the sparse kernels. On an Intel Xeon the
+# dense block wins up to ~8× (README); the two round differently, so moving it retrains SAEs to other bits
 DENSE_AUX_WIDTH = 4
 
 
