@@ -448,3 +448,13 @@ def test_all_finite_falls_back_where_aminmax_is_missing(monkeypatch):
 
     monkeypatch.setattr(torch, "aminmax", missing)
     assert all_finite(torch.ones(3, 2)) and not all_finite(torch.tensor([[1.0, float("nan")]]))
+
+
+@pytest.mark.parametrize("metric", ["reconstruction_metrics", "latent_density"])
+def test_metrics_on_no_tokens_say_so(metric):
+    """An empty activation tensor (an empty eval split) is a clear ValueError, not torch.cat's error."""
+    from sae_kit import metrics
+
+    sae = sae_kit.topk_sae(8, 32, 4)
+    with pytest.raises(ValueError, match="no tokens to evaluate"):
+        getattr(metrics, metric)(sae, torch.zeros(0, 8))

@@ -233,11 +233,11 @@ class MutualChoiceSAE(_ChoiceSAE):
     architecture = "mc"
 
     def _candidates(self, pre, k):
-        """Each row's top 4k entries (values descending, indices) and the budget-th largest of them."""
+        """Each row's top 4k values (descending) and the budget-th largest of them."""
         budget = k * pre.shape[0]
-        cand, idx = row_topk(pre, min(pre.shape[1], 4 * k))  # [B, 4k]
+        cand = row_topk(pre, min(pre.shape[1], 4 * k))[0]  # [B, 4k]
         kth = cand.reshape(-1).kthvalue(cand.numel() - budget + 1).values
-        return cand, idx, kth, budget
+        return cand, kth, budget
 
     def batch_select(self, pre, k=None):
         """The same pairs, cut-off and order as `batch_keep`'s mask, found without a search over
@@ -276,7 +276,7 @@ class MutualChoiceSAE(_ChoiceSAE):
         k = self.cfg.k if k is None else k
         # the budget-th largest entry, searched among each row's top 4k first (exact unless some
         # row would keep more than 4k; then over the whole matrix)
-        cand, _, kth, budget = self._candidates(pre, k)
+        cand, kth, budget = self._candidates(pre, k)
         if bool((cand[:, -1] > kth).any()):
             flat = pre.reshape(-1)
             kth = flat.kthvalue(flat.numel() - budget + 1).values
