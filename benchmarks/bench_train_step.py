@@ -10,7 +10,8 @@ costs. The "least exact step" row adds to the floor only what an exact TopK step
 kit's kernels (`least_grads`: the sparse decode, the three sparse backward passes, one fused Adam
 update): its ratio to SAELens is the most any step built from these kernels could reach.
 Section 2 times every other dictionary against the kit's TopK (selection cost: auxiliary losses
-idle) on real layer-8 activations (`--data random` for Gaussian batches, which hide the batch
+idle), and the g-SAE's extra product alone (a g-SAE step costs at least TopK's plus it), on real
+layer-8 activations (`--data random` for Gaussian batches, which hide the batch
 rules' cost on the few high-norm tokens); section 3 the kit's matching pursuit against the textbook autograd pursuit; section 4 the
 harvest's tokens/s against the bare model on the same windows (a forward to the hooked layer; with
 gradients, a full forward and backward). Contenders are interleaved round by round, so
@@ -186,6 +187,17 @@ def kit_gsae(a, x, dead):
     return _kit(gradient_sae(a.d_in, a.d_sae, a.k, beta=0.3, device=DEVICE), x, dead, g)
 
 
+def gsae_gemm(a, x, dead):
+    """The product the g-SAE's score adds to a TopK step, alone: g·W_decᵀ, one B × d_in × d_sae GEMM
+    into a kept buffer. A g-SAE step costs at least a TopK step plus this."""
+    g, W = torch.randn_like(x), torch.randn(a.d_sae, a.d_in, device=DEVICE) / a.d_in ** 0.5
+    out = torch.empty(len(x), a.d_sae, device=DEVICE)
+
+    def step():
+        torch.mm(g, W.t(), out=out)
+    return step
+
+
 def kit_mp(a, x, dead):
     return _kit(mp_sae(a.d_in, a.d_sae, a.k, device=DEVICE), x, 0.0)
 
@@ -209,7 +221,7 @@ def textbook_mp(a, x, dead):
 
 
 CONTENDERS = {f.__name__: f for f in (kit_topk, saelens_topk, floor, least, floor_torch_topk, dense_topk, kit_mc, kit_fc,
-                                      kit_fc_zipf, kit_gsae, kit_mp, textbook_mp)}
+                                      kit_fc_zipf, kit_gsae, gsae_gemm, kit_mp, textbook_mp)}
 
 
 # ---- timing -----------------------------------------------------------------------------------
@@ -335,13 +347,14 @@ def section_family(a, results):
     for batch in a.batches:
         torch.manual_seed(0)
         x = (real[:batch] if real is not None else torch.randn(batch, a.d_in) * 3).to(DEVICE)
-        names = ["kit_topk", "kit_mc", "kit_fc", "kit_fc_zipf", "kit_gsae", "kit_mp"]
+        names = ["kit_topk", "kit_mc", "kit_fc", "kit_fc_zipf", "kit_gsae", "gsae_gemm", "kit_mp"]
         steps = {n: CONTENDERS[n](a, x, 0.0) for n in names}
         times = time_rounds(steps, a.rounds)
         rows = [("dictionary", "ms/step", "vs kit TopK (its time / TopK's)")]
         for n in names:
             r = ratio(times, n, "kit_topk")
-            rows.append((n, f"{1000 * statistics.median(times[n]):.0f}", f"{r:.2f}x"))
+            label = "gsae_gemm (the g-SAE's extra GEMM alone)" if n == "gsae_gemm" else n
+            rows.append((label, f"{1000 * statistics.median(times[n]):.0f}", f"{r:.2f}x"))
             results[f"b{batch} family {n}"] = {"ms": 1000 * statistics.median(times[n]), "vs_topk": r}
         data = "real layer-8 activations" if real is not None else "Gaussian batches"
         table(f"Every dictionary's step against TopK's, batch {batch}, {data} (aux idle)", rows)

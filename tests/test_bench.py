@@ -23,7 +23,7 @@ def test_bench_runs_every_step_section_and_writes_its_numbers(tmp_path):
     for name in ("floor", "floor, torch.topk", "least exact step", "SAELens TopK, aux idle", "kit TopK, aux idle",
                  "SAELens TopK, 10% dead, aux on", "kit TopK, 10% dead, aux on"):
         assert res[f"b64 {name}"]["ms"] > 0, name
-    for name in ("kit_mc", "kit_fc", "kit_fc_zipf", "kit_gsae", "kit_mp"):
+    for name in ("kit_mc", "kit_fc", "kit_fc_zipf", "kit_gsae", "gsae_gemm", "kit_mp"):
         assert res[f"b64 family {name}"]["vs_topk"] > 0, name
     assert res["mp textbook/kit"] > 0 and res["b64 dense dense_topk"]["vs_kit_topk"] > 0
     assert "| kit TopK, aux idle" in run.stdout
