@@ -274,31 +274,30 @@ def table(title, rows):
             print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
 
 
+def saelens_rows():
+    """Section 1's rows: (name, contender, dead share, the SAELens row it is compared with or None)."""
+    rows = [("floor", "floor", 0.0, None), ("floor, torch.topk", "floor_torch_topk", 0.0, None),
+            ("least exact step", "least", 0.0, "SAELens TopK, aux idle")]
+    for dead, tag in ((0.0, "aux idle"), (DEAD_SHARE, f"{DEAD_SHARE:.0%} dead, aux on")):
+        rows += [(f"SAELens TopK, {tag}", "saelens_topk", dead, f"SAELens TopK, {tag}"),
+                 (f"kit TopK, {tag}", "kit_topk", dead, f"SAELens TopK, {tag}")]
+    return rows
+
+
 def section_saelens(a, results):
     for batch in a.batches:
         torch.manual_seed(0)
         x = torch.randn(batch, a.d_in, device=DEVICE) * 3
-        steps = {"floor": floor(a, x, 0), "floor, torch.topk": floor_torch_topk(a, x, 0),
-                 "least exact step": least(a, x, 0)}
-        made_by = {"floor": ("floor", 0.0), "floor, torch.topk": ("floor_torch_topk", 0.0),
-                   "least exact step": ("least", 0.0)}
-        for dead, tag in ((0.0, "aux idle"), (DEAD_SHARE, f"{DEAD_SHARE:.0%} dead, aux on")):
-            steps[f"SAELens TopK, {tag}"] = saelens_topk(a, x, dead)
-            steps[f"kit TopK, {tag}"] = kit_topk(a, x, dead)
-            made_by[f"SAELens TopK, {tag}"], made_by[f"kit TopK, {tag}"] = ("saelens_topk", dead), ("kit_topk", dead)
-        times = time_rounds(steps, a.rounds)
+        spec = saelens_rows()
+        times = time_rounds({name: CONTENDERS[c](a, x, dead) for name, c, dead, _ in spec}, a.rounds)
         rows = [("step", "ms/step", "vs SAELens (same aux)", "vs floor", "step memory MB")]
-        for name, ts in times.items():
-            is_floor = name.startswith("floor")
-            tag = "aux idle" if name == "least exact step" else name.split(", ", 1)[-1]
-            vs_sl = float("nan") if is_floor else ratio(times, f"SAELens TopK, {tag}", name)
+        for name, contender, dead, versus in spec:
+            ms = 1000 * statistics.median(times[name])
+            vs_sl = ratio(times, versus, name) if versus else float("nan")
             vs_floor = ratio(times, "floor", name)
-            rss = peak_rss_mb(*made_by[name], a, batch) if a.rss else float("nan")
-            rows.append((name, f"{1000 * statistics.median(ts):.0f}", "" if is_floor else f"{vs_sl:.2f}x",
-                         f"{100 * vs_floor:.0f}%",
-                         f"{rss:.0f}"))
-            results[f"b{batch} {name}"] = {"ms": 1000 * statistics.median(ts), "vs_saelens": vs_sl,
-                                           "vs_floor": vs_floor, "peak_rss_mb": rss}
+            rss = peak_rss_mb(contender, dead, a, batch) if a.rss else float("nan")
+            rows.append((name, f"{ms:.0f}", f"{vs_sl:.2f}x" if versus else "", f"{100 * vs_floor:.0f}%", f"{rss:.0f}"))
+            results[f"b{batch} {name}"] = {"ms": ms, "vs_saelens": vs_sl, "vs_floor": vs_floor, "peak_rss_mb": rss}
         table(f"TopK training step, batch {batch}, d_in {a.d_in}, d_sae {a.d_sae}, k {a.k}, "
               f"{where()}, {a.rounds} rounds (vs SAELens: its time / ours; "
               f"vs floor: floor / ours)", rows)
@@ -342,6 +341,9 @@ def layer8_activations(n: int, d_in: int) -> torch.Tensor:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+FAMILY_LABELS = {"gsae_gemm": "gsae_gemm (the g-SAE's extra GEMM alone)"}
+
+
 def section_family(a, results):
     real = layer8_activations(max(a.batches), a.d_in) if a.data == "real" else None
     for batch in a.batches:
@@ -353,8 +355,7 @@ def section_family(a, results):
         rows = [("dictionary", "ms/step", "vs kit TopK (its time / TopK's)")]
         for n in names:
             r = ratio(times, n, "kit_topk")
-            label = "gsae_gemm (the g-SAE's extra GEMM alone)" if n == "gsae_gemm" else n
-            rows.append((label, f"{1000 * statistics.median(times[n]):.0f}", f"{r:.2f}x"))
+            rows.append((FAMILY_LABELS.get(n, n), f"{1000 * statistics.median(times[n]):.0f}", f"{r:.2f}x"))
             results[f"b{batch} family {n}"] = {"ms": 1000 * statistics.median(times[n]), "vs_topk": r}
         data = "real layer-8 activations" if real is not None else "Gaussian batches"
         table(f"Every dictionary's step against TopK's, batch {batch}, {data} (aux idle)", rows)
